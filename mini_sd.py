@@ -377,15 +377,15 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions):  # list of B strings -> embeddings (B, S, D) fp32, mask (B, S) bool
-        missing = list(dict.fromkeys(c for c in captions if c not in self.cache))
-        if missing:
-            device = next(self.model.parameters()).device
-            tokens = self.tokenizer(missing, padding="max_length", max_length=self.max_length,
+        device = next(self.model.parameters()).device
+        for c in dict.fromkeys(c for c in captions if c not in self.cache):
+            # One caption per forward: its embedding then depends on the caption alone, bit for bit, not on
+            # which captions shared a batch (matmul kernels vary with batch size); resumed runs stay identical.
+            tokens = self.tokenizer([c], padding="max_length", max_length=self.max_length,
                                     truncation=True, return_tensors="pt").to(device)
             with torch.autocast(device.type, enabled=False):
                 hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
-            for c, h, m in zip(missing, hidden.float(), tokens["attention_mask"].bool()):
-                self.cache[c] = (h, m)
+            self.cache[c] = (hidden[0].float(), tokens["attention_mask"][0].bool())
         for c in captions:
             self.cache.move_to_end(c)
         emb, mask = zip(*(self.cache[c] for c in captions))
@@ -618,17 +618,20 @@ class CocoCaptions(Dataset):
     def __len__(self):
         return len(self.items)
 
+    def load(self, i):  # -> (3, S, S) tensor, or None for an unreadable file (warned about and counted)
+        path = self.items[i][0]
+        try:
+            return load_image(path, self.image_size)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            self.skipped.add(path)
+            warnings.warn(f"skipping unreadable image {path} ({len(self.skipped)} so far): {e}")
+            return None
+
     def __getitem__(self, i):
-        # A corrupt or truncated file must not end an epoch: warn, count it, and serve the next image instead.
-        for j in range(i, i + len(self.items)):
-            path, caps = self.items[j % len(self.items)]
-            if path in self.skipped:
-                continue
-            try:
-                return load_image(path, self.image_size), random.choice(caps)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                self.skipped.add(path)
-                warnings.warn(f"skipping unreadable image {path} ({len(self.skipped)} so far): {e}")
+        for j in range(i, i + len(self.items)):  # an unreadable image must not end an epoch: serve the next one
+            j %= len(self.items)
+            if self.items[j][0] not in self.skipped and (image := self.load(j)) is not None:
+                return image, random.choice(self.items[j][1])
         raise RuntimeError(f"no readable image left in {self.image_dir}")
 
 
@@ -972,5 +975,6 @@ if __name__ == "__main__":
     images = model.sample([q for q in args.prompts for _ in range(args.num_images)], steps=args.steps,
                           sampler=args.sampler, guidance_scale=args.guidance, negative_prompt=args.negative,
                           seed=args.seed, init_image=args.init_image, strength=args.strength)
-    (images[0] if len(images) == 1 else make_grid(images, cols=args.num_images if len(args.prompts) > 1 else None)).save(args.out)
+    # several images per prompt: one row per prompt
+    (images[0] if len(images) == 1 else make_grid(images, cols=args.num_images if args.num_images > 1 else None)).save(args.out)
     print(f"wrote {args.out}")

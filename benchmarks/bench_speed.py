@@ -1,0 +1,494 @@
+#!/usr/bin/env python
+"""Speed benchmark: mini_sd against diffusers, with the same architecture and the same work on each side.
+
+    pip install -r requirements.txt -r benchmarks/requirements.txt
+    python benchmarks/bench_speed.py                     # small and base presets (under ~10 min on 2 CPU cores)
+    python benchmarks/bench_speed.py --quick             # smoke run, few rounds
+    python benchmarks/bench_speed.py --presets small --out bench.md
+    python benchmarks/bench_speed.py --compile           # adds a torch.compile'd training-step section (slow to compile)
+    python benchmarks/bench_speed.py --profile           # adds a profiler table of one bf16 training step per side
+
+What is measured, per preset:
+  * UNet training step: forward + MSE loss (fp32) + backward + AdamW step, in fp32 and under bf16 autocast, eager;
+    optionally (--compile) the same step with torch.compile'd UNets.
+  * Sampling: 25 steps of DPM-Solver++(2M) with classifier-free guidance (uncond+cond batched: one UNet forward
+    on 2B per step), UNet under bf16 autocast and no_grad. The UNet loop only; the VAE is timed on its own.
+  * VAE encode and decode in fp32, no_grad.
+
+Fairness: both sides get identical input tensors (latents, timesteps, noise, text context and mask, images), do the
+same work (same architecture: parameter counts are asserted equal within 5%; same loss; same optimiser, torch AdamW
+with the same hyper-parameters; the same sampler with the same timesteps, checked numerically below), run in the same
+dtypes (fp32, or fp32 weights under torch.autocast('cpu', bfloat16)), with the same thread count, and each side in its
+own default memory layout (NCHW, contiguous; neither is converted to channels_last). No text encoder is loaded: the
+context is a random (B, S, 384) tensor, S = cfg.max_text_length, with a boolean mask whose first tokens are True;
+mini_sd gets it as `mask`, diffusers as `encoder_attention_mask`.
+
+Timing: the two sides alternate within one process, round by round (mini, diffusers, then diffusers, mini, ...), after
+warm-up iterations, and the median of each is reported. The machine may be shared and noisy, so read the ratio
+(diffusers time / mini_sd time; > 1 means mini_sd is faster), not a lone absolute time.
+
+FLOP/s: each operation's FLOPs are counted once with torch.utils.flop_counter.FlopCounterMode on the same inputs (the
+CPU flash-attention kernels are registered below: the stock counter misses them), divided by the median time, and
+shown as a percentage of this machine's matmul peak in the same dtype, measured in the same run (a 2048^3 matmul,
+fp32 tensors for fp32, bf16 tensors for bf16 autocast). The optimiser's element-wise work is not counted as FLOPs.
+"""
+
+import os
+import sys
+
+if "--compile" in sys.argv:  # inductor's compile-worker pool fights the benchmark for the cores; must precede import torch
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torch.utils.flop_counter as flop_counter  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import mini_sd  # noqa: E402
+
+CONTEXT_DIM = 384  # all-MiniLM-L6-v2's width, mini_sd's default text encoder
+VALID_TOKENS = 10  # the first tokens of each caption are real, the rest padding
+
+# defaults per preset: training batch, warm-up iterations, timed rounds (--quick lowers the rounds)
+PRESET_DEFAULTS = {
+    "tiny": dict(train_batch=16, warmup=2, rounds=7, sample_rounds=5),
+    "small": dict(train_batch=16, warmup=2, rounds=7, sample_rounds=5),
+    "base": dict(train_batch=4, warmup=1, rounds=2, sample_rounds=2),  # a base training step takes 5-20 s here
+}
+
+
+# -----------------------------------------------------------------------------
+# FLOP counting: teach FlopCounterMode the CPU flash-attention kernels that F.scaled_dot_product_attention uses on CPU
+
+
+def _register_cpu_sdpa_flops():
+    ops = torch.ops.aten
+    fwd, bwd = ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
+    if fwd not in flop_counter.flop_registry:
+        @flop_counter.register_flop_formula(fwd)
+        def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+            return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    if bwd not in flop_counter.flop_registry:
+        @flop_counter.register_flop_formula(bwd)
+        def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+            return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_register_cpu_sdpa_flops()
+
+
+def count_flops(fn):
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# -----------------------------------------------------------------------------
+# Timing
+
+
+def interleaved(fns, warmup, rounds):
+    """fns {name: callable}: warm-up, then `rounds` rounds each running every fn once, order reversed every other
+    round so neither side always runs first. -> {name: [seconds per round]}."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def autocast(dtype):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16-autocast" else contextlib.nullcontext()
+
+
+def measure_peak(warmup, rounds, n=2048):
+    """Matmul peak of this machine: median FLOP/s of an n^3 matmul, fp32 tensors and bf16 tensors."""
+    g = torch.Generator().manual_seed(0)
+    a32, b32 = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    times = interleaved({"fp32": lambda: a32 @ b32, "bf16": lambda: a16 @ b16}, warmup, rounds)
+    return {k: 2 * n**3 / statistics.median(v) for k, v in times.items()}
+
+
+# -----------------------------------------------------------------------------
+# Models: mini_sd's, and diffusers' with the same widths, depths, attention placement and heads
+
+
+def build_unets(cfg):
+    from diffusers import UNet2DConditionModel
+
+    mini = mini_sd.UNet(cfg, context_dim=CONTEXT_DIM)
+    diff = UNet2DConditionModel(
+        sample_size=cfg.latent_size,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels)),
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.num_heads,  # the head COUNT in SD-1 style configs (diffusers' historical naming)
+        cross_attention_dim=CONTEXT_DIM,
+        norm_num_groups=cfg.norm_num_groups,
+    )  # mid block: UNetMidBlock2DCrossAttn (resnet, transformer, resnet), like mini_sd's mid
+    return mini, diff
+
+
+def build_vaes(cfg):
+    from diffusers import AutoencoderKL
+
+    mini = mini_sd.VAE(cfg)
+    n = len(cfg.vae_channels)
+    diff = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=cfg.vae_layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=min(cfg.norm_num_groups, cfg.vae_channels[0]),
+        sample_size=cfg.image_size,
+        mid_block_add_attention=False,  # mini_sd's VAE has no attention: its mid block is two ResBlocks
+        use_quant_conv=False,  # ... and no quant / post-quant 1x1 convs
+        use_post_quant_conv=False,
+    )
+    return mini, diff
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def check_params(label, mini, diff):
+    a, b = n_params(mini), n_params(diff)
+    print(f"  {label:<12} parameters: mini_sd {a:,}  diffusers {b:,}  ({100 * (a - b) / b:+.2f}%)")
+    assert abs(a - b) <= 0.05 * b, f"{label}: parameter counts differ by more than 5%: the architectures do not match"
+
+
+def make_inputs(cfg, batch, gen):
+    """Identical inputs for both sides: noisy latents, timesteps, target noise, text context and boolean mask."""
+    h = cfg.latent_size
+    x = torch.randn(batch, cfg.latent_channels, h, h, generator=gen)
+    t = torch.randint(0, cfg.num_train_timesteps, (batch,), generator=gen)
+    noise = torch.randn(batch, cfg.latent_channels, h, h, generator=gen)
+    context = torch.randn(batch, cfg.max_text_length, CONTEXT_DIM, generator=gen)
+    mask = torch.zeros(batch, cfg.max_text_length, dtype=torch.bool)
+    mask[:, :VALID_TOKENS] = True
+    return x, t, noise, context, mask
+
+
+def call_mini(unet, x, t, context, mask):
+    return unet(x, t, context, mask)
+
+
+def call_diff(unet, x, t, context, mask):
+    return unet(x, t, encoder_hidden_states=context, encoder_attention_mask=mask, return_dict=False)[0]
+
+
+# -----------------------------------------------------------------------------
+# Samplers: DPM-Solver++(2M), trailing timesteps, final step to x0, on both sides
+
+
+def diffusers_scheduler(cfg):
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        timestep_spacing=cfg.timestep_spacing,
+        final_sigmas_type="zero",
+    )
+
+
+def mini_loop(cfg, eps_fn, noise, steps):
+    schedule = mini_sd.NoiseSchedule(cfg)
+    return schedule.sample(eps_fn, noise.clone(), schedule.timesteps(steps), "dpm++")
+
+
+def diff_loop(scheduler, eps_fn, noise, steps):
+    scheduler.set_timesteps(steps)
+    x = noise.clone() * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(eps_fn(scheduler.scale_model_input(x, t), t), t, x, return_dict=False)[0]
+    return x
+
+
+def guided(unet, call, context, mask, guidance):
+    """CFG as in DiffusionModel.sample: uncond and cond halves batched into one forward of 2B, under bf16 autocast."""
+
+    def eps_fn(x, t):
+        xin = torch.cat([x, x])
+        t = torch.full((xin.shape[0],), int(t), dtype=torch.long)
+        with autocast("bf16-autocast"):
+            out = call(unet, xin, t, context, mask).float()
+        uncond, cond = out.chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    return eps_fn
+
+
+def check_samplers(cfg, steps):
+    """Both sampler loops, driven by the same toy eps function in fp64, must land on the same latents."""
+    if cfg.beta_schedule != "scaled_linear" or cfg.timestep_spacing != "trailing":
+        return
+    noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    toy = lambda x, t: 0.5 * torch.tanh(x) + 1e-4 * float(t)  # noqa: E731
+    a = mini_loop(cfg, toy, noise, steps)
+    b = diff_loop(diffusers_scheduler(cfg), toy, noise, steps)
+    err = (a.double() - b.double()).abs().max().item()
+    print(f"  sampler check: mini_sd vs diffusers DPM-Solver++(2M), {steps} steps, same eps function: max |diff| {err:.2e}")
+    assert err < 1e-3 * max(1.0, b.abs().max().item()), "the two samplers do not do the same steps"
+
+
+# -----------------------------------------------------------------------------
+# Sections
+
+
+class Results:
+    def __init__(self, peak):
+        self.peak, self.rows = peak, []
+
+    def add(self, preset, what, dtype, batch, times, flops, items):
+        """times {"mini": [...], "diffusers": [...]} seconds; flops {"mini": n, "diffusers": n}; items per call."""
+        med = {k: statistics.median(v) for k, v in times.items()}
+        best = {k: min(v) for k, v in times.items()}
+        peak = self.peak["bf16" if dtype.startswith("bf16") else "fp32"]
+        row = dict(preset=preset, what=what, dtype=dtype, batch=batch, items=items, med=med, best=best, flops=flops, peak=peak)
+        self.rows.append(row)
+        spread = "  ".join(f"{k} {1e3 * min(v):.0f}..{1e3 * max(v):.0f} ms" for k, v in times.items())
+        print(f"  {what:<34} {dtype:<22} mini_sd {1e3 * med['mini']:9.1f} ms  diffusers {1e3 * med['diffusers']:9.1f} ms"
+              f"  ratio {med['diffusers'] / med['mini']:.2f}  [{spread}; n={len(times['mini'])}]", flush=True)
+
+    def table(self):
+        lines = [
+            "| preset | measurement | dtype | batch | mini_sd ms | diffusers ms | speed ratio (diff/mini) | ratio of fastest rounds "
+            "| mini_sd items/s | diffusers items/s | mini_sd GFLOP/s | mini_sd % peak | diffusers GFLOP/s | diffusers % peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            m, d = r["med"]["mini"], r["med"]["diffusers"]
+            fm, fd = r["flops"]["mini"] / m, r["flops"]["diffusers"] / d
+            lines.append(
+                f"| {r['preset']} | {r['what']} | {r['dtype']} | {r['batch']} | {1e3 * m:.1f} | {1e3 * d:.1f} | **{d / m:.2f}** | {r['best']['diffusers'] / r['best']['mini']:.2f} "
+                f"| {r['items'] / m:.2f} | {r['items'] / d:.2f} | {fm / 1e9:.0f} | {100 * fm / r['peak']:.1f}% "
+                f"| {fd / 1e9:.0f} | {100 * fd / r['peak']:.1f}% |")
+        return "\n".join(lines)
+
+
+def bench_train(res, preset, cfg, unets, batch, warmup, rounds, dtypes, gen, compiled=None):
+    """UNet training step: zero_grad, forward (autocast or not), MSE in fp32, backward, AdamW step."""
+    x, t, noise, context, mask = make_inputs(cfg, batch, gen)
+    calls = {"mini": call_mini, "diffusers": call_diff}
+    opts = {k: torch.optim.AdamW(u.parameters(), lr=1e-4, weight_decay=1e-2) for k, u in unets.items()}  # same optimiser
+    for u in unets.values():
+        u.train()
+    models, flops = compiled or unets, None
+
+    def make_step(name, dtype, optimise=True):
+        model, call, opt = models[name], calls[name], opts[name]
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with autocast(dtype):
+                out = call(model, x, t, context, mask)
+            F.mse_loss(out.float(), noise).backward()  # the loss in fp32 on both sides
+            if optimise:
+                opt.step()
+
+        return step
+
+    for dtype in dtypes:
+        label = dtype + ("+compile" if compiled else "")
+        if compiled:  # the first calls compile forward and backward: time that separately
+            for name in models:
+                t0 = time.perf_counter()
+                make_step(name, dtype)()
+                make_step(name, dtype)()
+                print(f"  compile {name} training step ({dtype}): {time.perf_counter() - t0:.1f} s (first two calls)", flush=True)
+        # FLOPs of forward + loss + backward (AdamW adds no matmul FLOPs), counted once per side on the eager model
+        # (autocast only adds casts, which are not FLOPs, so one count serves every dtype)
+        if flops is None:
+            flops = {name: count_flops(make_step_eager(unets[name], calls[name], "bf16-autocast", x, t, noise, context, mask))
+                     for name in unets}
+        for opt in opts.values():
+            opt.zero_grad(set_to_none=True)
+        times = interleaved({name: make_step(name, dtype) for name in models}, warmup, rounds)
+        res.add(preset, "UNet train step (fwd+bwd+AdamW)", label, batch, times, flops, batch)
+
+
+def make_step_eager(model, call, dtype, x, t, noise, context, mask):
+    def step():
+        with autocast(dtype):
+            out = call(model, x, t, context, mask)
+        F.mse_loss(out.float(), noise).backward()
+
+    return step
+
+
+def bench_sample(res, preset, cfg, unets, batch, steps, guidance, warmup, rounds, gen):
+    h = cfg.latent_size
+    noise = torch.randn(batch, cfg.latent_channels, h, h, generator=gen)
+    # uncond + cond contexts, batched as [uncond; cond] like DiffusionModel.sample
+    context = torch.randn(2 * batch, cfg.max_text_length, CONTEXT_DIM, generator=gen)
+    mask = torch.zeros(2 * batch, cfg.max_text_length, dtype=torch.bool)
+    mask[:, :VALID_TOKENS] = True
+    for u in unets.values():
+        u.eval()
+    eps = {"mini": guided(unets["mini"], call_mini, context, mask, guidance),
+           "diffusers": guided(unets["diffusers"], call_diff, context, mask, guidance)}
+    scheduler = diffusers_scheduler(cfg)
+    fns = {"mini": lambda: mini_loop(cfg, eps["mini"], noise, steps),
+           "diffusers": lambda: diff_loop(scheduler, eps["diffusers"], noise, steps)}
+    with torch.no_grad():
+        # FLOPs: one guided UNet forward on 2B, times the number of steps (the sampler arithmetic is element-wise)
+        flops = {k: steps * count_flops(lambda: e(noise, 500)) for k, e in eps.items()}
+        # warm-up: guided UNet forwards (what needs warming), cheaper than whole sampling runs
+        interleaved({k: (lambda e=e: e(noise, 500)) for k, e in eps.items()}, warmup, 0)
+        times = interleaved(fns, 0, rounds)
+    res.add(preset, f"sample {steps} steps DPM++(2M), CFG", "bf16-autocast (UNet)", batch, times, flops, batch)
+
+
+def bench_vae(res, preset, cfg, vaes, batch, warmup, rounds, gen):
+    images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1
+    h = cfg.latent_size
+    latents = torch.randn(batch, cfg.latent_channels, h, h, generator=gen)
+    mini, diff = vaes["mini"].eval(), vaes["diffusers"].eval()
+    ops = {
+        "VAE encode": {"mini": lambda: mini.encode(images), "diffusers": lambda: diff.encode(images).latent_dist},
+        "VAE decode": {"mini": lambda: mini.decode(latents), "diffusers": lambda: diff.decode(latents, return_dict=False)[0]},
+    }
+    with torch.no_grad():
+        for what, fns in ops.items():
+            flops = {k: count_flops(fn) for k, fn in fns.items()}
+            times = interleaved(fns, warmup, rounds)
+            res.add(preset, f"{what} {cfg.image_size}px", "fp32", batch, times, flops, batch)
+
+
+def profile_train_step(cfg, unets, batch, gen, rows=12):
+    from torch.profiler import ProfilerActivity, profile
+
+    x, t, noise, context, mask = make_inputs(cfg, batch, gen)
+    for (name, unet), call in zip(unets.items(), (call_mini, call_diff)):
+        unet.train()
+        step = make_step_eager(unet, call, "bf16-autocast", x, t, noise, context, mask)
+        step()  # warm-up
+        unet.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        unet.zero_grad(set_to_none=True)
+        print(f"\n  profile: {name}, one bf16-autocast training step (fwd+bwd, no optimiser), batch {batch}, "
+              f"top {rows} by self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=None, choices=sorted(mini_sd.PRESETS),
+                   help="default: small base (small only with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: small preset only unless --presets is given, one warm-up, two rounds (one for "
+                        "sampling), base sampling in 10 steps")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--sections", nargs="+", default=["train", "sample", "vae"], choices=["train", "sample", "vae"])
+    p.add_argument("--train-batch", type=int, default=None, help="training batch (default: small 16, base 4)")
+    p.add_argument("--train-dtypes", nargs="+", default=["fp32", "bf16-autocast"], choices=["fp32", "bf16-autocast"])
+    p.add_argument("--sample-batch", type=int, default=4, help="prompts per sampling run (the UNet sees twice that)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 25; 10 for base with --quick)")
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--vae-batch", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per side (default per preset)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per measurement (default per preset)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd UNet training steps")
+    p.add_argument("--compile-dtypes", nargs="+", default=["bf16-autocast"], choices=["fp32", "bf16-autocast"])
+    p.add_argument("--profile", action="store_true", help="print a profiler table of one bf16 training step per side")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the markdown table to this file")
+    args = p.parse_args()
+    args.presets = args.presets or (["small"] if args.quick else ["small", "base"])
+
+    torch.set_num_threads(args.threads)
+    import diffusers
+
+    print(f"mini_sd vs diffusers {diffusers.__version__} | torch {torch.__version__} | {platform.processor() or platform.machine()}"
+          f" | {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+          + (f" | TORCHINDUCTOR_COMPILE_THREADS={os.environ['TORCHINDUCTOR_COMPILE_THREADS']}" if args.compile else ""))
+    peak = measure_peak(warmup=1, rounds=3 if args.quick else 5)
+    print(f"matmul peak (2048^3, median): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n", flush=True)
+    res = Results(peak)
+    t_start = time.perf_counter()
+
+    for preset in args.presets:
+        cfg = mini_sd.Config.preset(preset)
+        d = PRESET_DEFAULTS.get(preset, PRESET_DEFAULTS["small"])
+        warmup = args.warmup if args.warmup is not None else 1 if args.quick else d["warmup"]
+        rounds = args.rounds if args.rounds is not None else 2 if args.quick else d["rounds"]
+        sample_rounds = args.rounds if args.rounds is not None else 1 if args.quick else d["sample_rounds"]
+        steps = args.steps or (10 if args.quick and preset == "base" else 25)
+        train_batch = args.train_batch or d["train_batch"]
+        print(f"== {preset}: UNet {cfg.block_out_channels} x{cfg.layers_per_block} attn {cfg.attention_levels} heads "
+              f"{cfg.num_heads}, latents {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size}, text {cfg.max_text_length}x"
+              f"{CONTEXT_DIM}; VAE {cfg.vae_channels} at {cfg.image_size}px; warm-up {warmup}, rounds {rounds}", flush=True)
+        gen = torch.Generator().manual_seed(args.seed)
+        torch.manual_seed(args.seed)
+        unets = dict(zip(("mini", "diffusers"), build_unets(cfg)))
+        check_params("UNet", unets["mini"], unets["diffusers"])
+        if "vae" in args.sections:
+            vaes = dict(zip(("mini", "diffusers"), build_vaes(cfg)))
+            check_params("VAE", vaes["mini"], vaes["diffusers"])
+            check_params("VAE encoder", vaes["mini"].encoder, vaes["diffusers"].encoder)
+            check_params("VAE decoder", vaes["mini"].decoder, vaes["diffusers"].decoder)
+        if "train" in args.sections:
+            bench_train(res, preset, cfg, unets, train_batch, warmup, rounds, args.train_dtypes, gen)
+        if "sample" in args.sections:
+            check_samplers(cfg, steps)
+            bench_sample(res, preset, cfg, unets, args.sample_batch, steps, args.guidance, warmup + 1, sample_rounds, gen)
+        if "vae" in args.sections:
+            bench_vae(res, preset, cfg, vaes, args.vae_batch, warmup, rounds, gen)
+            del vaes
+        if args.compile:
+            import torch._dynamo
+
+            torch._dynamo.reset()
+            compiled = {k: torch.compile(u) for k, u in unets.items()}
+            bench_train(res, preset, cfg, unets, train_batch, warmup, rounds, args.compile_dtypes, gen, compiled=compiled)
+            del compiled
+            torch._dynamo.reset()
+        if args.profile:
+            profile_train_step(cfg, unets, train_batch, gen)
+        del unets
+        print(flush=True)
+
+    header = (f"mini_sd vs diffusers {diffusers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+              f"matmul peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s (2048^3, this run). "
+              f"Medians of interleaved rounds; speed ratio = diffusers time / mini_sd time (> 1: mini_sd faster); "
+              f"items = training samples or images.")
+    table = res.table()
+    print(f"{header}\n\n{table}\n\n(total {time.perf_counter() - t_start:.0f} s)")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(f"{header}\n\n{table}\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
