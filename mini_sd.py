@@ -96,7 +96,7 @@ PRESETS = {
     "tiny": dict(image_size=32, vae_channels=(16, 32, 32), block_out_channels=(32, 64), layers_per_block=1,
                  attention_levels=(False, True), num_heads=2, norm_num_groups=8, max_text_length=16),
     # a CPU demo: 64 px images, 16x16 latents
-    "small": dict(image_size=64, vae_channels=(32, 64, 64), block_out_channels=(64, 128, 256), layers_per_block=1,
+    "small": dict(image_size=64, vae_channels=(32, 64, 64), block_out_channels=(32, 64, 128), layers_per_block=1,
                   attention_levels=(False, True, True), num_heads=4, max_text_length=24),
     # 256 px COCO on one GPU: factor-8 VAE to 32x32x4 latents
     "base": dict(),
@@ -163,7 +163,13 @@ class Attention(nn.Module):
         else:
             q, (k, v) = self.to_q(x), self.to_kv(context).chunk(2, dim=-1)
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if q.device.type == "cpu" and torch.is_grad_enabled():
+            # CPU's fused attention has a slow bf16 backward (3-5x this plain form at our sizes): train with the math
+            w = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, T, S)
+            w = w if mask is None else w.masked_fill(~mask, float("-inf"))
+            y = w.softmax(-1, dtype=torch.float32).to(v.dtype) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out(y.transpose(1, 2).flatten(2))  # (B, T, C)
 
 
@@ -251,22 +257,26 @@ class VAE(nn.Module):
         # 1 / std of real latents, measured after VAE training (DiffusionModel.calibrate); 0 = not measured yet
         self.register_buffer("scaling_factor", torch.zeros(()))
 
-    # The autoencoder runs in fp32 even inside a bf16 autocast region: its small latent
-    # values and wide output range are where reduced precision visibly hurts images.
+    # Encoding and decoding run in fp32 even inside a bf16 autocast region: the latents that the UNet
+    # learns from and the images it returns are where reduced precision visibly hurts.
     def encode(self, x):  # -> mean, logvar, each (B, latent, h, w)
         with torch.autocast(x.device.type, enabled=False):
-            mean, logvar = self.encoder(x.float()).chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
+            return self._moments(self.encoder(x.float()))
 
     def decode(self, z):
         with torch.autocast(z.device.type, enabled=False):
             return self.decoder(z.float())
 
-    def forward(self, x):  # the VAE training loss for images x in [-1, 1]
-        mean, logvar = self.encode(x)
+    @staticmethod
+    def _moments(h):
+        mean, logvar = h.float().chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def forward(self, x):  # the training loss for images x in [-1, 1]; follows the caller's autocast (bf16 training)
+        mean, logvar = self._moments(self.encoder(x))
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
-        rec = self.decode(z)
-        loss = (rec - x).abs().mean()
+        rec = self.decoder(z).float()
+        loss = (rec - x).square().mean() + (rec - x).abs().mean()  # MSE learns the colour of small objects fast
         loss = loss + sum((r - t).abs().mean() for r, t in zip(_image_gradients(rec), _image_gradients(x)))
         kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
         return loss + self.kl_weight * kl
@@ -668,7 +678,7 @@ def make_shapes_dataset(root, n=2000, image_size=64, seed=0, split="train2017"):
         else:
             draw.polygon([(cx, cy - r), (cx - 1.1 * r, cy + 0.8 * r), (cx + 1.1 * r, cy + 0.8 * r)], fill=fill)
         name = f"{i + 1:012d}.jpg"
-        img.resize((image_size, image_size), Image.LANCZOS).save(os.path.join(image_dir, name), quality=95)
+        img.resize((image_size, image_size), Image.LANCZOS).save(os.path.join(image_dir, name), quality=95, subsampling=0)
         images.append({"id": i + 1, "file_name": name, "height": image_size, "width": image_size})
         for k, template in enumerate(CAPTION_TEMPLATES):
             annotations.append({"id": 3 * i + k + 1, "image_id": i + 1, "caption": template.format(c=colour, s=shape, p=pos)})
@@ -712,7 +722,7 @@ class Trainer:
         model.requires_grad_(False)
         trained.requires_grad_(True)
         self.params = list(trained.parameters())
-        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=model.device.type in ("cpu", "cuda"))
         cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * cosine(s))
         if stage == "unet" and ema and model.ema_unet is None:

@@ -34,7 +34,7 @@ from mini_sd import Config, DiffusionModel, Trainer
 # about 10-15 minutes on 2 CPU cores; base is a starting point for 256 px COCO on one GPU.
 DEFAULTS = {
     "tiny": dict(vae_steps=100, unet_steps=200, batch_size=16, vae_lr=1e-3, lr=1e-3, shapes_n=256),
-    "small": dict(vae_steps=800, unet_steps=2500, batch_size=32, vae_lr=1e-3, lr=5e-4, shapes_n=2000),
+    "small": dict(vae_steps=300, unet_steps=2500, batch_size=32, vae_lr=1e-3, lr=5e-4, shapes_n=2000),
     "base": dict(vae_steps=30000, unet_steps=300000, batch_size=64, vae_lr=2e-4, lr=1e-4, shapes_n=20000),
 }
 PROMPTS = {

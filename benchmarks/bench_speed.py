@@ -47,6 +47,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import torch._dynamo  # noqa: E402
 import torch.utils.flop_counter as flop_counter  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
@@ -296,7 +297,8 @@ def bench_train(res, preset, cfg, unets, batch, warmup, rounds, dtypes, gen, com
     """UNet training step: zero_grad, forward (autocast or not), MSE in fp32, backward, AdamW step."""
     x, t, noise, context, mask = make_inputs(cfg, batch, gen)
     calls = {"mini": call_mini, "diffusers": call_diff}
-    opts = {k: torch.optim.AdamW(u.parameters(), lr=1e-4, weight_decay=1e-2) for k, u in unets.items()}  # same optimiser
+    # same optimiser on both sides: fused AdamW, as mini_sd.Trainer uses
+    opts = {k: torch.optim.AdamW(u.parameters(), lr=1e-4, weight_decay=1e-2, fused=True) for k, u in unets.items()}
     for u in unets.values():
         u.train()
     models, flops = compiled or unets, None
@@ -466,8 +468,6 @@ def main():
             bench_vae(res, preset, cfg, vaes, args.vae_batch, warmup, rounds, gen)
             del vaes
         if args.compile:
-            import torch._dynamo
-
             torch._dynamo.reset()
             compiled = {k: torch.compile(u) for k, u in unets.items()}
             bench_train(res, preset, cfg, unets, train_batch, warmup, rounds, args.compile_dtypes, gen, compiled=compiled)

