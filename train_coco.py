@@ -271,8 +271,8 @@ def train_stage(stage, model, args, data, state):
         batches = iter(DataLoader(data, batch_sampler=order, num_workers=args.workers, generator=torch.Generator(),
                                   worker_init_fn=ignore_signals))
     else:  # cached latents in memory, one of each image's captions drawn from the (checkpointed) torch RNG
-        latents, captions = data.latents, data.captions
-        batches = ((latents[idx] * model.vae.scaling_factor.cpu(),
+        latents, captions, scale = data.latents, data.captions, model.vae.scaling_factor.item()
+        batches = ((latents[idx] * scale,
                     [captions[i][torch.randint(len(captions[i]), ()).item()] for i in idx]) for idx in order)
     model.train()
     t0, done = time.time(), trainer.step_count
