@@ -700,9 +700,12 @@ def default_device():
     return torch.device("cpu")
 
 
-def bf16_autocast(device, enabled=True):  # bf16 where the hardware has it: CUDA (Ampere on) and any CPU
-    ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and ok)
+def bf16_supported(device):  # bf16 where the hardware has it: CUDA (Ampere on) and any CPU
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def bf16_autocast(device, enabled=True):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and bf16_supported(device))
 
 
 class Trainer:

@@ -349,7 +349,7 @@ def setup(args):
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.precision is None:
-        args.precision = "bf16" if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()) else "fp32"
+        args.precision = "bf16" if mini_sd.bf16_supported(device) else "fp32"
     try:  # fail now, not after an hour of training
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
         tempfile.TemporaryFile(dir=args.out).close()
