@@ -17,6 +17,7 @@ from mini_sd import Config, DiffusionModel, NoiseSchedule
 
 torch.set_num_threads(2)
 CAPTION = "a red circle in the top left"
+SD = dict(prediction_type="epsilon", zero_terminal_snr=False)  # Stable Diffusion 1.x: the numbers diffusers gives
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_presets_and_config_errors():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         Config.preset("huge")
     with pytest.raises(ValueError, match="zero_terminal_snr"):
-        Config(zero_terminal_snr=True)
+        Config(prediction_type="epsilon")  # the default zero-terminal-SNR schedule needs v
     with pytest.raises(ValueError, match="attention_levels"):
         Config(attention_levels=(True,))
     cfg = Config.preset("tiny")
@@ -136,18 +137,18 @@ def test_other_text_encoders_set_the_cross_attention_width(tmp_path, kind):
 
 
 def test_sd_schedule_alphas_cumprod():
-    s = NoiseSchedule(Config())
+    s = NoiseSchedule(Config(**SD))
     ac = torch.tensor(s.ac, dtype=torch.float64)
     # Stable Diffusion's scaled_linear betas, 0.00085 -> 0.012 over 1000 steps (values as in diffusers)
     assert ac[0].item() == pytest.approx(0.99915, abs=1e-9)
     assert ac[499].item() == pytest.approx(0.2776694, abs=1e-6)
     assert ac[999].item() == pytest.approx(0.00466009, abs=1e-7)
     assert torch.all(ac[1:] < ac[:-1])
-    lin = NoiseSchedule(Config(beta_schedule="linear", beta_start=1e-4, beta_end=0.02))
+    lin = NoiseSchedule(Config(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, **SD))
     assert lin.ac[999] == pytest.approx(4.036e-5, rel=1e-3)  # DDPM's schedule
-    cos = NoiseSchedule(Config(beta_schedule="cosine"))
+    cos = NoiseSchedule(Config(beta_schedule="cosine", **SD))
     assert cos.ac[0] > 0.9999 and cos.ac[999] < 1e-4
-    zt = NoiseSchedule(Config(prediction_type="v_prediction", zero_terminal_snr=True))
+    zt = NoiseSchedule(Config())
     assert zt.ac[999] < 1e-7 and zt.ac[0] == pytest.approx(s.ac[0])
     with pytest.raises(ValueError, match="beta_schedule"):
         NoiseSchedule(Config(beta_schedule="quadratic"))
@@ -155,7 +156,7 @@ def test_sd_schedule_alphas_cumprod():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_add_noise_is_inverted_by_the_true_target(prediction_type):
-    s = NoiseSchedule(Config(prediction_type=prediction_type))
+    s = NoiseSchedule(Config(prediction_type=prediction_type, zero_terminal_snr=prediction_type == "v_prediction"))
     x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
     t = torch.tensor([0, 10, 500, 999])
     xt = s.add_noise(x0, noise, t)
@@ -177,7 +178,8 @@ def oracle(schedule, x0):  # the perfect denoiser for a known x0: returns the ex
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_samplers_with_a_perfect_oracle_land_on_x0(sampler, spacing, prediction_type):
-    s = NoiseSchedule(Config(prediction_type=prediction_type, timestep_spacing=spacing))
+    s = NoiseSchedule(Config(prediction_type=prediction_type, zero_terminal_snr=prediction_type == "v_prediction",
+                             timestep_spacing=spacing))
     x0 = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     ts = s.timesteps(10)
     assert len(ts) == 10 and ts == sorted(ts, reverse=True) and (ts[0] == 999) == (spacing == "trailing")
@@ -190,7 +192,7 @@ def test_dpm_solver_is_second_order():
     x_t / sqrt(a_t s^2 + 1 - a_t) constant. A sampler solves that ODE down to its last timestep, then
     returns the denoiser's x0 there. The map is linear, so the relative error is a number independent of
     x_T; diffusers' DPMSolverMultistepScheduler and DDIMScheduler (final alpha 1) give the same numbers."""
-    s, std = NoiseSchedule(Config()), 0.5
+    s, std = NoiseSchedule(Config(**SD)), 0.5
     x_T = torch.randn(10000, dtype=torch.float64)
     marginal = lambda a: (a * std**2 + 1 - a) ** 0.5
 
@@ -208,7 +210,7 @@ def test_dpm_solver_is_second_order():
 
     assert err("dpm++", 10) == pytest.approx(0.0070690, rel=1e-3)  # second order: 10x better than DDIM
     assert err("ddim", 10) == pytest.approx(0.0683289, rel=1e-3)
-    s = NoiseSchedule(Config(timestep_spacing="leading"))
+    s = NoiseSchedule(Config(timestep_spacing="leading", **SD))
     assert s.timesteps(10) == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
     assert err("ddim", 10) == pytest.approx(0.1919204, rel=1e-3)
     with pytest.raises(ValueError, match="sampler"):
@@ -216,11 +218,11 @@ def test_dpm_solver_is_second_order():
 
 
 def test_min_snr_weights_and_offset_noise():
-    s = NoiseSchedule(Config(snr_gamma=5.0))
+    s = NoiseSchedule(Config(snr_gamma=5.0, **SD))
     t = torch.tensor([0, 999])
     snr = torch.tensor([s.ac[0] / (1 - s.ac[0]), s.ac[999] / (1 - s.ac[999])])
     assert torch.allclose(s.loss_weight(t), torch.tensor([5.0 / snr[0], 1.0]), rtol=1e-4)
-    v = NoiseSchedule(Config(snr_gamma=5.0, prediction_type="v_prediction"))
+    v = NoiseSchedule(Config(snr_gamma=5.0, prediction_type="v_prediction", zero_terminal_snr=False))
     assert torch.allclose(v.loss_weight(t), torch.tensor([5.0 / (snr[0] + 1), snr[1] / (snr[1] + 1)]), rtol=1e-4)
     assert torch.all(NoiseSchedule(Config()).loss_weight(t) == 1)
     model = tiny_model(offset_noise=0.1)

@@ -33,9 +33,10 @@ from mini_sd import Config, DiffusionModel, Trainer
 # Per preset: the steps and batch that make a sensible default run. small is sized to finish in
 # about 10-15 minutes on 2 CPU cores; base is a starting point for 256 px COCO on one GPU.
 DEFAULTS = {
-    "tiny": dict(vae_steps=100, unet_steps=200, batch_size=16, vae_lr=1e-3, lr=1e-3, shapes_n=256),
-    "small": dict(vae_steps=300, unet_steps=2500, batch_size=32, vae_lr=1e-3, lr=5e-4, shapes_n=2000),
-    "base": dict(vae_steps=30000, unet_steps=300000, batch_size=64, vae_lr=2e-4, lr=1e-4, shapes_n=20000),
+    "tiny": dict(vae_steps=100, unet_steps=200, vae_batch_size=16, batch_size=16, vae_lr=1e-3, lr=1e-3, shapes_n=256),
+    "small": dict(vae_steps=400, unet_steps=1600, vae_batch_size=16, batch_size=32, vae_lr=1e-3, lr=5e-4, shapes_n=2000),
+    "base": dict(vae_steps=30000, unet_steps=300000, vae_batch_size=16, batch_size=64, vae_lr=2e-4, lr=1e-4,
+                 shapes_n=20000),
 }
 PROMPTS = {
     "shapes": ["a red circle in the top left", "a blue square in the bottom right", "a green triangle in the center",
@@ -63,7 +64,8 @@ def parse_args(argv=None):
     a("--unet-steps", type=int, default=None, help="UNet optimiser steps (default per preset)")
     a("--skip-vae", action="store_true", help="keep the VAE of --resume and go straight to the UNet")
     a("--skip-unet", action="store_true", help="stop after the VAE, its latent scale and the latent cache")
-    a("--batch-size", type=int, default=None, help="per process, per micro-batch (default per preset)")
+    a("--vae-batch-size", type=int, default=None, help="VAE images per process, per micro-batch (default per preset)")
+    a("--batch-size", type=int, default=None, help="UNet latents per process, per micro-batch (default per preset)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     a("--lr", type=float, default=None, help="UNet peak learning rate (default per preset)")
     a("--vae-lr", type=float, default=None, help="VAE peak learning rate (default per preset)")
@@ -266,7 +268,8 @@ def train_stage(stage, model, args, data, state):
     if trainer.step_count >= steps:
         return
     start = trainer.step_count * args.grad_accum
-    order = batch_order(len(data), args.batch_size, args.seed + (stage == "unet"), args.rank, args.world, start)
+    batch_size = args.vae_batch_size if stage == "vae" else args.batch_size
+    order = batch_order(len(data), batch_size, args.seed + (stage == "unet"), args.rank, args.world, start)
     if stage == "vae":  # images from disk, decoded in worker processes
         batches = iter(DataLoader(data, batch_sampler=order, num_workers=args.workers, generator=torch.Generator(),
                                   worker_init_fn=ignore_signals))

@@ -215,6 +215,7 @@ def diffusers_scheduler(cfg):
         solver_order=2,
         timestep_spacing=cfg.timestep_spacing,
         final_sigmas_type="zero",
+        rescale_betas_zero_snr=cfg.zero_terminal_snr,
     )
 
 
