@@ -612,6 +612,8 @@ class CocoCaptions(Dataset):
             with open(captions_file, encoding="utf-8") as f:
                 coco = json.load(f)
             files = {im["id"]: im["file_name"] for im in coco["images"]}
+            info = coco.get("info")
+            self.description = info.get("description", "") if isinstance(info, dict) else ""  # names our synthetic sets
             captions = {}
             for ann in coco["annotations"]:
                 captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
@@ -657,6 +659,7 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = {"top left": (0.27, 0.27), "top right": (0.73, 0.27), "center": (0.5, 0.5),
              "bottom left": (0.27, 0.73), "bottom right": (0.73, 0.73)}
 CAPTION_TEMPLATES = ("a {c} {s} in the {p}", "{c} {s}, {p}", "a {s} in the {p}, coloured {c}")
+SHAPES_DESCRIPTION = "mini-sd synthetic shapes"  # the captions file's info.description
 
 
 def make_shapes_dataset(root, n=2000, image_size=64, seed=0, split="train2017"):
@@ -690,7 +693,7 @@ def make_shapes_dataset(root, n=2000, image_size=64, seed=0, split="train2017"):
             annotations.append({"id": 3 * i + k + 1, "image_id": i + 1, "caption": template.format(c=colour, s=shape, p=pos)})
     captions_file = os.path.join(ann_dir, f"captions_{split}.json")
     with open(captions_file, "w") as f:
-        json.dump({"info": {"description": "mini-sd synthetic shapes"}, "images": images, "annotations": annotations}, f)
+        json.dump({"info": {"description": SHAPES_DESCRIPTION}, "images": images, "annotations": annotations}, f)
     return image_dir, captions_file
 
 

@@ -270,12 +270,13 @@ def test_images_of_any_mode_and_size_are_converted(tmp_path):
         assert image.shape == (3, 32, 32) and torch.isfinite(image).all()
     magenta = data[1][0]  # CMYK (0, 255, 0, 0) is RGB (255, 0, 255): converted, not misread
     assert magenta[0].mean() > 0.9 and magenta[1].mean() < -0.9 and magenta[2].mean() > 0.9
-    assert not data.skipped
+    assert not data.skipped and data.description == ""  # no "info" in this file
 
 
 def test_corrupt_images_are_skipped_and_counted(shapes, tmp_path):
     image_dir, captions_file = shapes
     data = mini_sd.CocoCaptions(image_dir, captions_file, 32)
+    assert data.description == mini_sd.SHAPES_DESCRIPTION
     victims = [data.items[0][0], data.items[1][0]]
     backup = [open(p, "rb").read() for p in victims]
     try:

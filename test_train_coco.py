@@ -138,6 +138,7 @@ def test_odd_and_corrupt_images_do_not_stop_training(tmp_path):
     assert "27 images" in p.stdout and "25 images encoded" in p.stdout and "2 unreadable skipped" in p.stdout
     assert "skipping unreadable image" in p.stderr
     assert len(losses(tmp_path / "out")) == 10
+    assert '"a red circle in the top left"' in p.stdout  # a shapes set given as --coco-dir is sampled at shape prompts
 
 
 def test_bad_input_gets_one_clear_line(full_run, tmp_path):

@@ -365,19 +365,20 @@ def setup(args):
 def find_data(args, image_size):
     coco_dir = args.coco_dir or "coco"
     image_dir, captions = os.path.join(coco_dir, args.split), os.path.join(coco_dir, "annotations", f"captions_{args.split}.json")
-    if os.path.isdir(image_dir) and os.path.isfile(captions):
-        args.prompts = PROMPTS["coco"]
-        return mini_sd.CocoCaptions(image_dir, captions, image_size)
-    if args.coco_dir is not None or args.split != "train2017":  # asked for COCO explicitly: say what is missing
-        missing = image_dir if not os.path.isdir(image_dir) else captions
-        fail(f"no COCO {args.split} at {coco_dir}: {missing} not found; {COCO_HELP}")
-    image_dir, captions = os.path.join(args.shapes_dir, "train2017"), os.path.join(args.shapes_dir, "annotations", "captions_train2017.json")
-    log(args, f"no COCO at ./{coco_dir}: training on synthetic shapes in {args.shapes_dir}")
-    if args.rank == 0 and not os.path.isfile(captions):
-        mini_sd.make_shapes_dataset(args.shapes_dir, n=args.shapes_n, image_size=image_size, seed=args.seed)
-    barrier(args)
-    args.prompts = PROMPTS["shapes"]
-    return mini_sd.CocoCaptions(image_dir, captions, image_size)
+    if not (os.path.isdir(image_dir) and os.path.isfile(captions)):
+        if args.coco_dir is not None or args.split != "train2017":  # asked for COCO explicitly: say what is missing
+            missing = image_dir if not os.path.isdir(image_dir) else captions
+            fail(f"no COCO {args.split} at {coco_dir}: {missing} not found; {COCO_HELP}")
+        image_dir = os.path.join(args.shapes_dir, "train2017")
+        captions = os.path.join(args.shapes_dir, "annotations", "captions_train2017.json")
+        log(args, f"no COCO at ./{coco_dir}: training on synthetic shapes in {args.shapes_dir}")
+        if args.rank == 0 and not os.path.isfile(captions):
+            mini_sd.make_shapes_dataset(args.shapes_dir, n=args.shapes_n, image_size=image_size, seed=args.seed)
+        barrier(args)
+    coco = mini_sd.CocoCaptions(image_dir, captions, image_size)
+    # sample grids at prompts the data can answer: shape prompts for a shapes set, also one given as --coco-dir
+    args.prompts = PROMPTS["shapes" if coco.description == mini_sd.SHAPES_DESCRIPTION else "coco"]
+    return coco
 
 
 def main(argv=None):
