@@ -376,8 +376,9 @@ def find_data(args, image_size):
             mini_sd.make_shapes_dataset(args.shapes_dir, n=args.shapes_n, image_size=image_size, seed=args.seed)
         barrier(args)
     coco = mini_sd.CocoCaptions(image_dir, captions, image_size)
-    # sample grids at prompts the data can answer: shape prompts for a shapes set, also one given as --coco-dir
-    args.prompts = PROMPTS["shapes" if coco.description == mini_sd.SHAPES_DESCRIPTION else "coco"]
+    # sample grids at prompts the data can answer: shape prompts for a shapes set (also a derived one, e.g.
+    # eval_quality.py's with held-out combinations dropped), also when given as --coco-dir
+    args.prompts = PROMPTS["shapes" if coco.description.startswith(mini_sd.SHAPES_DESCRIPTION) else "coco"]
     return coco
 
 
