@@ -344,7 +344,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x, t, context, mask):  # x (B, 4, h, w), t (B,), context (B, S, Cc), mask (B, S) bool
-        temb = F.silu(self.time_mlp(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype)))  # SiLU once, not per block
+        temb = F.silu(self.time_mlp(timestep_embedding(t, self.conv_in.out_channels)))  # SiLU once, not per block
         mask = mask[:, None, None, :]  # (B, 1, 1, S): every query sees the same valid text tokens
         x = self.conv_in(x)
         skips = [x]

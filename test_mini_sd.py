@@ -447,7 +447,7 @@ def test_guidance_and_negative_prompt_change_the_output(awake_model):
 
 
 def test_img2img_strength(dataset):
-    model = tiny_model()  # untrained: predicts zero noise, so img2img keeps what the start latent holds
+    model = tiny_model()  # untrained: predicts zero (v), so img2img keeps what the start latent holds
     image = dataset[0][0][None]
     recon = pixels(mini_sd.to_pil(model.decode(model.encode(image))))
     light = pixels(model.sample([CAPTION], steps=50, seed=0, init_image=image, strength=0.02))

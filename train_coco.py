@@ -255,8 +255,8 @@ def sample_grid(model, prompts, path, seed):
 
 def train_stage(stage, model, args, data, state):
     """Run one stage from `state` (a resumed checkpoint's, or a fresh one) to its last step."""
-    steps = args.vae_steps if stage == "vae" else args.unet_steps
-    lr = args.vae_lr if stage == "vae" else args.lr
+    steps, lr, batch_size = ((args.vae_steps, args.vae_lr, args.vae_batch_size) if stage == "vae"
+                             else (args.unet_steps, args.lr, args.batch_size))
     trainer = Trainer(model, stage, steps, lr, args.warmup, ema=args.ema, cfg_dropout=args.cfg_dropout,
                       autocast=args.precision == "bf16")
     if state is not None:
@@ -268,7 +268,6 @@ def train_stage(stage, model, args, data, state):
     if trainer.step_count >= steps:
         return
     start = trainer.step_count * args.grad_accum
-    batch_size = args.vae_batch_size if stage == "vae" else args.batch_size
     order = batch_order(len(data), batch_size, args.seed + (stage == "unet"), args.rank, args.world, start)
     if stage == "vae":  # images from disk, decoded in worker processes
         batches = iter(DataLoader(data, batch_sampler=order, num_workers=args.workers, generator=torch.Generator(),

@@ -548,36 +548,28 @@ def fid_captions(args):
     those same real images in --fid-real; the generated images are kept in OUT/fid-fake for --fid-fake later."""
     if not args.model:
         sys.exit("error: --fid-real with --fid-captions generates images: name the model with --model DIR")
-    with open(args.fid_captions) as f:
-        coco = json.load(f)
-    files = {im["id"]: im["file_name"] for im in coco["images"]}
-    caps = {}
-    for a in coco["annotations"]:
-        caps.setdefault(a["image_id"], a["caption"].strip())
-    ids = [i for i in sorted(caps) if i in files and os.path.isfile(os.path.join(args.fid_real, files[i]))][: args.fid_n]
-    if not ids:
-        sys.exit(f"error: none of the images of {args.fid_captions} is in {args.fid_real}")
     model = mini_sd.DiffusionModel.load(args.model)
     size = args.fid_size or model.config.image_size
+    coco = mini_sd.CocoCaptions(args.fid_real, args.fid_captions, size)
+    items = sorted((path, caps[0]) for path, caps in coco.items if os.path.isfile(path))[: args.fid_n]
+    if not items:
+        sys.exit(f"error: none of the images of {args.fid_captions} is in {args.fid_real}")
     fake_dir = os.path.join(args.out, "fid-fake")
     os.makedirs(fake_dir, exist_ok=True)
     t0 = time.time()
+    jobs = [{"prompt": caption, "seed": args.seed} for _, caption in items]
     fake = []
-    for k in range(0, len(ids), args.batch_size):
-        chunk = ids[k : k + args.batch_size]
-        out = model.sample([caps[i] for i in chunk], steps=args.fid_steps, sampler="dpm++",
-                           guidance_scale=args.guidance, seed=args.seed * 1000 + k // args.batch_size)
-        for i, im in zip(chunk, out):
-            im.save(os.path.join(fake_dir, f"{i:012d}.png"))
-            fake.append(mini_sd.to_pil(mini_sd.image_to_tensor(im, size)[None])[0])
+    for (path, _), im in zip(items, generate(model, jobs, "dpm++", args.fid_steps, args.guidance, args.batch_size)):
+        im.save(os.path.join(fake_dir, os.path.splitext(os.path.basename(path))[0] + ".png"))
+        fake.append(mini_sd.to_pil(mini_sd.image_to_tensor(im, size)[None])[0])
     gen_s = time.time() - t0
-    real = [mini_sd.to_pil(mini_sd.load_image(os.path.join(args.fid_real, files[i]), size)[None])[0] for i in ids]
+    real = [mini_sd.to_pil(mini_sd.load_image(path, size)[None])[0] for path, _ in items]
     fid = FID()
     t1 = time.time()
     value = fid.distance(fid.features(real), fid.features(fake))
-    res = {"fid": value, "n": len(ids), "size": size, "steps": args.fid_steps, "guidance": args.guidance,
+    res = {"fid": value, "n": len(items), "size": size, "steps": args.fid_steps, "guidance": args.guidance,
            "generate_seconds": round(gen_s, 1), "fid_seconds": round(time.time() - t1, 1), "fake_dir": fake_dir}
-    log(f"FID {value:.2f}  ({len(ids)} generated vs real at {size}px, DPM-Solver++ {args.fid_steps}, guidance "
+    log(f"FID {value:.2f}  ({len(items)} generated vs real at {size}px, DPM-Solver++ {args.fid_steps}, guidance "
         f"{args.guidance}; generation {gen_s:.0f}s, features {res['fid_seconds']}s; images in {fake_dir})")
     return res
 
