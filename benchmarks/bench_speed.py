@@ -7,6 +7,7 @@
     python benchmarks/bench_speed.py --presets small --out bench.md
     python benchmarks/bench_speed.py --compile           # adds a torch.compile'd training-step section (slow to compile)
     python benchmarks/bench_speed.py --profile           # adds a profiler table of one bf16 training step per side
+    HF_HUB_OFFLINE=1 python benchmarks/bench_speed.py --sections cache text   # the library sections (several minutes)
 
 What is measured, per preset:
   * UNet training step: forward + MSE loss (fp32) + backward + AdamW step, in fp32 and under bf16 autocast, eager;
@@ -14,6 +15,19 @@ What is measured, per preset:
   * Sampling: 25 steps of DPM-Solver++(2M) with classifier-free guidance (uncond+cond batched: one UNet forward
     on 2B per step), UNet under bf16 autocast and no_grad. The UNet loop only; the VAE is timed on its own.
   * VAE encode and decode in fp32, no_grad.
+
+Library sections (mini_sd only, no diffusers side; --sections cache text, not in the default):
+  * cache: UNet-stage images/s through DiffusionModel.train on a CocoCaptions shapes dataset (make_shapes_dataset,
+    --cache-images), passed as the Dataset (latents encoded once by model.latent_cache, captions once by
+    text_encoder.remember) against a re-iterable wrapper around a DataLoader of the same dataset (every step loads and
+    VAE-encodes its images and text-encodes its captions, as train() did before the cache), and that wrapper with the
+    caption table filled (only the VAE differs). Setups: the small preset at 32 px and 64 px, and a factor-8 VAE (4
+    levels, 2 layers per block: Stable Diffusion's VAE shape, as diffusers' train_text_to_image.py uses, at a quarter
+    of its widths) at 64 px. Untrained VAE (scaling_factor 1). The one-time cache cost is timed apart, and folded
+    into a speed-up over a whole default small UNet run (mini_sd.TRAINING). Target: >= 2x at the small preset.
+  * text: --text-batch distinct COCO-style captions ("a {adj} {noun} {verb} on a {place}") encoded one per forward
+    ([enc.encode([c]) for c in caps], train() before the batched encoder) and in one batched forward (enc.encode(caps)),
+    next to a small-preset UNet training step (bf16 autocast) at the same batch.
 
 Fairness: both sides get identical input tensors (latents, timesteps, noise, text context and mask, images), do the
 same work (same architecture: parameter counts are asserted equal within 5%; same loss; same optimiser, torch AdamW
@@ -41,8 +55,10 @@ if "--compile" in sys.argv:  # inductor's compile-worker pool fights the benchma
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import io  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -95,23 +111,30 @@ def count_flops(fn):
 # Timing
 
 
-def interleaved(fns, warmup, rounds):
+def interleaved(fns, warmup, rounds, setup=None):
     """fns {name: callable}: warm-up, then `rounds` rounds each running every fn once, order reversed every other
-    round so neither side always runs first. -> {name: [seconds per round]}."""
+    round so neither side always runs first; setup {name: callable}, optional, runs untimed before each call.
+    -> {name: [seconds per round]}."""
+    setup = setup or {}
     for _ in range(warmup):
-        for fn in fns.values():
+        for name, fn in fns.items():
+            setup.get(name, lambda: None)()
             fn()
     names, times = list(fns), {name: [] for name in fns}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
+            setup.get(name, lambda: None)()
             t0 = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)
     return times
 
 
-def autocast(dtype):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16-autocast" else contextlib.nullcontext()
+CPU = torch.device("cpu")
+
+
+def autocast(dtype):  # the library's bf16 autocast for "bf16-autocast", a disabled one (plain fp32) otherwise
+    return mini_sd.bf16_autocast(CPU, enabled=dtype == "bf16-autocast")
 
 
 def measure_peak(warmup, rounds, n=2048):
@@ -168,12 +191,8 @@ def build_vaes(cfg):
     return mini, diff
 
 
-def n_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 def check_params(label, mini, diff):
-    a, b = n_params(mini), n_params(diff)
+    a, b = mini_sd.count_parameters(mini), mini_sd.count_parameters(diff)
     print(f"  {label:<12} parameters: mini_sd {a:,}  diffusers {b:,}  ({100 * (a - b) / b:+.2f}%)")
     assert abs(a - b) <= 0.05 * b, f"{label}: parameter counts differ by more than 5%: the architectures do not match"
 
@@ -233,7 +252,9 @@ def diff_loop(scheduler, eps_fn, noise, steps):
 
 
 def guided(unet, call, context, mask, guidance):
-    """CFG as in DiffusionModel.sample: uncond and cond halves batched into one forward of 2B, under bf16 autocast."""
+    """CFG as in DiffusionModel.sample's model_fn (the library has no stand-alone guidance function): uncond and cond
+    halves batched into one forward of 2B, under the library's bf16 autocast. DiffusionModel.sample itself would add
+    text encoding and VAE decoding, which this section leaves out on both sides."""
 
     def eps_fn(x, t):
         xin = torch.cat([x, x])
@@ -384,6 +405,190 @@ def bench_vae(res, preset, cfg, vaes, batch, warmup, rounds, gen):
             res.add(preset, f"{what} {cfg.image_size}px", "fp32", batch, times, flops, batch)
 
 
+# -----------------------------------------------------------------------------
+# Library sections: UNet-stage throughput with and without the latent cache, and text encoding per step
+
+# The latent-cache section's setups: the small preset at 32 and 64 px, and a factor-8 VAE as in diffusers'
+# train_text_to_image.py practice (Stable Diffusion's VAE shape, 4 levels and 2 layers per block, at a quarter of its
+# widths (128, 256, 512, 512)) at 64 px, which gives 8x8 latents to the same small UNet.
+CACHE_SETUPS = {
+    "small-32px": dict(image_size=32),
+    "small-64px": dict(image_size=64),
+    "f8-vae-64px": dict(image_size=64, vae_channels=(32, 64, 128, 128), vae_layers_per_block=2),
+}
+
+
+class Batches:
+    """A re-iterable of (images, captions) batches that is neither a Dataset nor a DataLoader: DiffusionModel.train
+    then VAE-encodes every step's images (and text-encodes its captions), as train() did before the latent cache."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def quiet(fn):
+    """fn() with train()'s progress lines and latent-cache message swallowed (stderr too: no tqdm bar either)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return fn()
+
+
+def bench_cache(args, warmup, rounds):
+    """UNet-stage throughput through DiffusionModel.train on a CocoCaptions shapes dataset, three ways, interleaved:
+    cache: the Dataset itself, so train() trains on latents encoded once (model.latent_cache) and captions encoded
+           once (text_encoder.remember);
+    per step: a Batches wrapper around a DataLoader of the same dataset: every step loads and VAE-encodes its images
+           and text-encodes its captions (one batched forward), as the API did before;
+    per step, captions cached: the same, with the caption table filled first: only the VAE encoding (and image
+           loading) differs from the cache.
+    The VAE is untrained (scaling_factor set to 1: the cost does not depend on the weights). The one-time cost of the
+    cache (encoding every image once, and the distinct captions) is timed separately. -> markdown table."""
+    from torch.utils.data import DataLoader
+
+    steps, batch = args.cache_steps, args.cache_batch
+    default_steps = mini_sd.TRAINING["small"]["unet"]["steps"]
+    rows = []
+    for name in args.cache_setups:
+        cfg = mini_sd.Config.preset("small", **CACHE_SETUPS[name])
+        with tempfile.TemporaryDirectory() as tmp:
+            data = mini_sd.CocoCaptions(*mini_sd.make_shapes_dataset(tmp, n=args.cache_images, image_size=cfg.image_size,
+                                                                     seed=args.seed), cfg.image_size)
+            torch.manual_seed(args.seed)
+            model = mini_sd.DiffusionModel(cfg)
+            model.vae.scaling_factor.fill_(1.0)
+            print(f"  {name}: {cfg.image_size}px images -> {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size} latents, "
+                  f"VAE {cfg.vae_channels} x{cfg.vae_layers_per_block} (encoder {mini_sd.count_parameters(model.vae.encoder) / 1e6:.2f}M), "
+                  f"UNet {mini_sd.count_parameters(model.unet) / 1e6:.2f}M; {len(data)} images, batch {batch}, {steps} steps "
+                  f"per call, warm-up {warmup}, rounds {rounds}", flush=True)
+            all_captions = [c for _, caps in data.items for c in caps]
+            t0 = time.perf_counter()
+            quiet(lambda: model.latent_cache(data))
+            t_latents = time.perf_counter() - t0
+            model.text_encoder.table = {}
+            t0 = time.perf_counter()
+            model.text_encoder.remember(all_captions)
+            t_text = time.perf_counter() - t0
+            loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, num_workers=args.cache_workers,
+                                generator=torch.Generator().manual_seed(args.seed))
+            common = dict(stage="unet", steps=steps, batch_size=batch, seed=args.seed, log_every=10**9, num_workers=args.cache_workers)
+            fns = {"cache": lambda: quiet(lambda: model.train(data, **common)),
+                   "per step": lambda: quiet(lambda: model.train(Batches(loader), **common)),
+                   "per step, captions cached": lambda: quiet(lambda: model.train(Batches(loader), **common))}
+            remember = lambda: model.text_encoder.remember(all_captions)  # noqa: E731
+            setup = {"cache": remember, "per step": lambda: setattr(model.text_encoder, "table", {}),
+                     "per step, captions cached": remember}
+            times = interleaved(fns, warmup, rounds, setup)
+            ips = {k: steps * batch / statistics.median(v) for k, v in times.items()}
+            # a whole default small UNet run (TRAINING's steps at this batch) with the one-time cost paid once
+            cache_s = t_latents + t_text
+            run = {k: default_steps * batch / v for k, v in ips.items()}
+            per_step = {k: batch / v for k, v in ips.items()}
+            gain = per_step["per step"] - per_step["cache"]
+            row = dict(setup=name, images=len(data), batch=batch, ips=ips, t_latents=t_latents, t_text=t_text,
+                       ratio=ips["cache"] / ips["per step"], ratio_vae=ips["cache"] / ips["per step, captions cached"],
+                       ratio_run=run["per step"] / (run["cache"] + cache_s),
+                       break_even=cache_s / gain if gain > 0 else float("inf"))
+            rows.append(row)
+            spread = "  ".join(f"{k} {steps * batch / max(v):.0f}..{steps * batch / min(v):.0f}" for k, v in times.items())
+            print(f"    images/s: cache {ips['cache']:.1f}, per step {ips['per step']:.1f}, per step with captions cached "
+                  f"{ips['per step, captions cached']:.1f}  -> ratio {row['ratio']:.2f}x ({row['ratio_vae']:.2f}x VAE only); "
+                  f"one-time cache {t_latents:.1f} s latents + {t_text:.2f} s captions; ratio over a {default_steps}-step run "
+                  f"incl. the cache {row['ratio_run']:.2f}x, break-even after {row['break_even']:.0f} steps  [{spread}]",
+                  flush=True)
+            del model, fns, loader
+    lines = [
+        f"UNet stage through DiffusionModel.train (bf16 autocast, EMA, fused AdamW), {steps} steps per call at batch "
+        f"{batch}, medians of {rounds} interleaved rounds; images/s = steps x batch / wall time of the train() call. "
+        f"`cache`: the Dataset (latents and captions encoded once); `per step`: a re-iterable of DataLoader batches "
+        f"(images VAE-encoded and captions text-encoded every step, as before the cache; {args.cache_workers} loader "
+        f"workers); `captions cached`: the same with the caption table filled, so only the VAE differs. One-time cost: "
+        f"model.latent_cache over all images plus text_encoder.remember over all captions. Ratio incl. cache: a whole "
+        f"{default_steps}-step run (mini_sd.TRAINING['small']) at this batch, the one-time cost paid once.",
+        "",
+        "| setup | images | batch | cache img/s | per step img/s | per step, captions cached img/s | **speed-up** "
+        "| speed-up, VAE only | one-time cache s (latents + captions) | speed-up of a whole run incl. cache | break-even step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        i = r["ips"]
+        lines.append(f"| {r['setup']} | {r['images']} | {r['batch']} | {i['cache']:.1f} | {i['per step']:.1f} | "
+                     f"{i['per step, captions cached']:.1f} | **{r['ratio']:.2f}x** | {r['ratio_vae']:.2f}x | "
+                     f"{r['t_latents']:.1f} + {r['t_text']:.2f} | {r['ratio_run']:.2f}x | {r['break_even']:.0f} |")
+    small = [r for r in rows if r["setup"].startswith("small")]
+    if small:
+        lines.append("\nTarget: speed-up >= 2x at the small preset: " + ", ".join(
+            f"{r['setup']} {r['ratio']:.2f}x {'met' if r['ratio'] >= 2 else 'not met'}" for r in small) + ".")
+    return "\n".join(lines)
+
+
+CAPTION_WORDS = dict(
+    adj=("red", "small", "old", "white", "large", "wooden", "black", "young"),
+    noun=("dog", "cat", "man", "woman", "bus", "train", "bird", "horse"),
+    verb=("sitting", "standing", "walking", "lying", "parked", "waiting", "playing", "sleeping"),
+    place=("bench", "street", "beach", "field", "table", "sidewalk", "couch", "hill"),
+)
+
+
+def coco_captions(n, seed=0):
+    """n distinct COCO-style captions, "a {adj} {noun} {verb} on a {place}", in a seeded order."""
+    import itertools
+    import random
+
+    combos = list(itertools.product(*CAPTION_WORDS.values()))
+    random.Random(seed).shuffle(combos)
+    return [f"a {a} {n_} {v} on a {p}" for a, n_, v, p in combos[:n]]
+
+
+def bench_text(args, warmup, rounds):
+    """Text encoding of one training step's captions: one forward per caption (train() before today) against one
+    batched forward (TextEncoder.encode), next to the small preset's UNet training step at the same batch. -> table."""
+    cfg = mini_sd.Config.preset("small")
+    n = args.text_batch
+    caps = coco_captions(n, args.seed)
+    enc = mini_sd.TextEncoder(cfg.text_encoder, cfg.max_text_length)
+    unet = mini_sd.UNet(cfg, context_dim=enc.hidden_size)
+    gen = torch.Generator().manual_seed(args.seed)
+    x, t, noise, context, mask = make_inputs(cfg, n, gen)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-2, fused=True)
+    unet.train()
+
+    def unet_step():  # as bench_train's: forward under bf16 autocast, fp32 MSE, backward, fused AdamW
+        opt.zero_grad(set_to_none=True)
+        with autocast("bf16-autocast"):
+            out = unet(x, t, context, mask)
+        F.mse_loss(out.float(), noise).backward()
+        opt.step()
+
+    print(f"  {n} distinct captions, e.g. {caps[0]!r}; text encoder {cfg.text_encoder} "
+          f"({mini_sd.count_parameters(enc.model) / 1e6:.1f}M), max_text_length {cfg.max_text_length}; UNet step: small "
+          f"preset, bf16 autocast, batch {n}; warm-up {warmup}, rounds {rounds}", flush=True)
+    fns = {"one forward per caption": lambda: [enc.encode([c]) for c in caps],
+           "one batched forward": lambda: enc.encode(caps),
+           "UNet train step (fwd+bwd+AdamW)": unet_step}
+    times = interleaved(fns, warmup, rounds)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    step = med["UNet train step (fwd+bwd+AdamW)"]
+    for k, v in med.items():
+        print(f"    {k:<34} {1e3 * v:8.1f} ms  [{1e3 * min(times[k]):.0f}..{1e3 * max(times[k]):.0f} ms]"
+              + ("" if k.startswith("UNet") else f"  = {100 * v / step:.0f}% of a UNet training step"), flush=True)
+    per, batched = med["one forward per caption"], med["one batched forward"]
+    lines = [f"Text encoding of {n} distinct COCO-style captions (\"a {{adj}} {{noun}} {{verb}} on a {{place}}\") with "
+             f"{cfg.text_encoder}, max_text_length {cfg.max_text_length}, next to the small preset's UNet training step "
+             f"at batch {n} (bf16 autocast); medians of {rounds} interleaved rounds.",
+             "",
+             "| what | ms | % of the UNet step |",
+             "|---|---:|---:|",
+             f"| one forward per caption (`[enc.encode([c]) for c in caps]`, before) | {1e3 * per:.1f} | {100 * per / step:.0f}% |",
+             f"| one batched forward (`enc.encode(caps)`, now) | {1e3 * batched:.1f} | {100 * batched / step:.0f}% |",
+             f"| UNet training step (fwd+bwd+AdamW) | {1e3 * step:.1f} | 100% |",
+             "",
+             f"Batched is {per / batched:.1f}x faster. In DiffusionModel.train a Dataset's captions are encoded once "
+             f"(text_encoder.remember) and cost nothing per step; other data pays the batched cost every step."]
+    return "\n".join(lines)
+
+
 def profile_train_step(cfg, unets, batch, gen, rows=12):
     from torch.profiler import ProfilerActivity, profile
 
@@ -412,18 +617,30 @@ def main():
                    help="smoke run: small preset only unless --presets is given, one warm-up, two rounds (one for "
                         "sampling), base sampling in 10 steps")
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--sections", nargs="+", default=["train", "sample", "vae"], choices=["train", "sample", "vae"])
+    p.add_argument("--sections", nargs="+", default=["train", "sample", "vae"], choices=["train", "sample", "vae", "cache", "text"],
+                   help="train, sample, vae: per preset, against diffusers; cache: UNet-stage images/s through "
+                        "DiffusionModel.train with and without the latent cache; text: caption encoding per step, one "
+                        "forward per caption vs one batched forward (these two ignore --presets)")
     p.add_argument("--train-batch", type=int, default=None, help="training batch (default: small 16, base 4)")
     p.add_argument("--train-dtypes", nargs="+", default=["fp32", "bf16-autocast"], choices=["fp32", "bf16-autocast"])
     p.add_argument("--sample-batch", type=int, default=4, help="prompts per sampling run (the UNet sees twice that)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 25; 10 for base with --quick)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--vae-batch", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per side (default per preset)")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per measurement (default per preset)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per side (default per preset; 1 for cache and text)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per measurement (default per preset; cache 3, text 5; --quick 1 and 2)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd UNet training steps")
     p.add_argument("--compile-dtypes", nargs="+", default=["bf16-autocast"], choices=["fp32", "bf16-autocast"])
     p.add_argument("--profile", action="store_true", help="print a profiler table of one bf16 training step per side")
+    p.add_argument("--cache-setups", nargs="+", default=list(CACHE_SETUPS), choices=list(CACHE_SETUPS),
+                   help="cache section: small preset at 32 / 64 px, and a factor-8 VAE at 64 px")
+    p.add_argument("--cache-steps", type=int, default=20, help="cache section: UNet steps per timed train() call")
+    p.add_argument("--cache-batch", type=int, default=mini_sd.TRAINING["small"]["unet"]["batch_size"],
+                   help="cache section: training batch (default: the small preset's)")
+    p.add_argument("--cache-images", type=int, default=2000, help="cache section: shapes images in the dataset "
+                                                                  "(train_coco.py's small default)")
+    p.add_argument("--cache-workers", type=int, default=0, help="cache section: loader processes of the per-step DataLoader")
+    p.add_argument("--text-batch", type=int, default=64, help="text section: distinct captions per step (and the UNet step's batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = p.parse_args()
@@ -431,6 +648,9 @@ def main():
 
     torch.set_num_threads(args.threads)
     import diffusers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the text encoder's "Loading weights" bar, once per model
 
     print(f"mini_sd vs diffusers {diffusers.__version__} | torch {torch.__version__} | {platform.processor() or platform.machine()}"
           f" | {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
@@ -440,7 +660,20 @@ def main():
     res = Results(peak)
     t_start = time.perf_counter()
 
-    for preset in args.presets:
+    extra = []  # markdown tables of the library sections
+    if "cache" in args.sections:
+        print("== latent cache: UNet stage through DiffusionModel.train, Dataset (cached) vs re-iterable (encoded per step)",
+              flush=True)
+        extra.append(bench_cache(args, args.warmup if args.warmup is not None else 1,
+                                 args.rounds if args.rounds is not None else 1 if args.quick else 3))
+        print(flush=True)
+    if "text" in args.sections:
+        print("== text encoding per step: one forward per caption vs one batched forward", flush=True)
+        extra.append(bench_text(args, args.warmup if args.warmup is not None else 1,
+                                args.rounds if args.rounds is not None else 2 if args.quick else 5))
+        print(flush=True)
+    per_preset = set(args.sections) & {"train", "sample", "vae"} or args.compile or args.profile
+    for preset in args.presets if per_preset else []:
         cfg = mini_sd.Config.preset(preset)
         d = PRESET_DEFAULTS.get(preset, PRESET_DEFAULTS["small"])
         warmup = args.warmup if args.warmup is not None else 1 if args.quick else d["warmup"]
@@ -483,11 +716,12 @@ def main():
               f"matmul peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s (2048^3, this run). "
               f"Medians of interleaved rounds; speed ratio = diffusers time / mini_sd time (> 1: mini_sd faster); "
               f"items = training samples or images.")
-    table = res.table()
-    print(f"{header}\n\n{table}\n\n(total {time.perf_counter() - t_start:.0f} s)")
+    table = f"{header}\n\n{res.table()}" if res.rows else ""
+    table = "\n\n".join([table] * bool(table) + extra)
+    print(f"{table}\n\n(total {time.perf_counter() - t_start:.0f} s)")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            f.write(f"{header}\n\n{table}\n")
+            f.write(f"{table}\n")
         print(f"wrote {args.out}")
 
 

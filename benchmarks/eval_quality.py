@@ -5,11 +5,11 @@ it never saw in training? Scored from the pixels alone, no learned judge.
     pip install -r requirements.txt -r benchmarks/requirements.txt
     HF_HUB_OFFLINE=1 python benchmarks/eval_quality.py               # train small (~10-15 min on 2 cores), evaluate (~10)
     HF_HUB_OFFLINE=1 python benchmarks/eval_quality.py --quick       # smoke test: tiny preset, about a minute
-    python benchmarks/eval_quality.py --model runs/eval-quality/run/model   # evaluate an existing model, no training
+    python benchmarks/eval_quality.py --model runs/eval-quality/run  # evaluate a run folder (or a ckpt-* folder), no training
     python benchmarks/eval_quality.py --fid                          # adds FID on the shapes (Inception on CPU: minutes)
     python benchmarks/eval_quality.py --threads 1 ...                # on a machine busy with another job (see --help)
     python benchmarks/eval_quality.py --fid-real coco/val2017 --fid-fake samples/        # FID of two folders, nothing else
-    python benchmarks/eval_quality.py --model runs/coco/model --fid-real coco/val2017 \\
+    python benchmarks/eval_quality.py --model runs/coco --fid-real coco/val2017 \\
         --fid-captions coco/annotations/captions_val2017.json --fid-n 1000              # COCO FID of a model
 
 What it does:
@@ -18,9 +18,12 @@ What it does:
      and captions), so the model never sees e.g. a purple triangle in the top right, while every colour, shape and
      position, and every pair of them (purple triangle, purple ... top right, triangle ... top right), still is in
      training. The held-out set is deterministic (--heldout K, --heldout-seed).
-  2. Training: train_coco.py as a subprocess (--preset, --vae-steps, --unet-steps, --workers pass through; defaults
-     are train_coco.py's per-preset defaults) into OUT/run, whose OUT/run/model is then evaluated; a finished run
-     with the same settings is reused, an interrupted one resumed. --model DIR skips all this.
+  2. Training: in this process through the library, model = DiffusionModel(Config.preset(--preset)), then
+     model.train(data, stage="vae", ...) and model.train(data, stage="unet", ...), both with out=OUT/run and
+     resume=True (steps from --vae-steps / --unet-steps, else mini_sd.TRAINING[preset]; --workers is num_workers;
+     --train-kwargs adds any other train() argument). DiffusionModel.load(OUT/run), the run's latest checkpoint, is
+     then evaluated. A finished run with the same settings (OUT/run/eval_train.json) is reused, an interrupted one
+     resumed from its latest checkpoint. --model DIR (a run folder or a checkpoint folder) skips all this.
   3. Scorer: each image is judged from its pixels. Background = median of the 1-pixel border; foreground = the
      largest connected blob of pixels far from it; colour = nearest SHAPE_COLOURS entry to the median colour of the
      blob's core (a version of it paled up to half way towards the background counts: blurry decoders pale colours);
@@ -35,9 +38,14 @@ What it does:
      over reconstructions in OUT/samples/vae-reconstruction.png.
   5. Generation: prompts "a {colour} {shape} in the {position}" for every held-out combination and as many seen ones
      (--seen-prompts), --images-per-prompt seeds each, batched; the same noise per (prompt, seed) across samplers.
-     Configurations: DPM-Solver++ 20 and 10 steps, DDIM 50, DDPM 1000 (on fewer images: --ddpm-images), and a
-     guidance sweep at DPM-Solver++ 20 (--guidance-sweep). Attribute accuracy (colour, shape, position, all three)
-     for seen and held-out prompts, timings, and a sample grid per configuration in OUT/samples/.
+     Configurations: DPM-Solver++ 20 and 10 steps, DDIM 50, DDPM 1000 (on fewer images: --ddpm-images), a
+     guidance sweep at DPM-Solver++ 20 (--guidance-sweep), and guidance_rescale (Lin et al. 2024) at DPM-Solver++ 20:
+     each --guidance-rescale value at each --rescale-guidance scale (default 0 and 0.7 at guidance 5 and 7.5).
+     Attribute accuracy (colour, shape, position, all three) for seen and held-out prompts, timings, and a sample
+     grid per configuration in OUT/samples/. The rescale table adds the outline statistics: the mean fill ratio of
+     the images prompted as squares and as circles relative to the drawn prototypes (square 1, circle pi/4: pinched,
+     concave outlines lower it) and their mean diagonal kurtosis excess (the corner measure: square 0.6, circle 0),
+     next to the same numbers on real validation images.
   6. Targets, printed PASS/FAIL: all-three accuracy >= 90% on seen and >= 75% on held-out prompts at DPM-Solver++ 20;
      DPM-Solver++ 20 within 3 points of DDIM 50 (all-three, seen and held-out pooled; paired: same noise).
   7. Output: a markdown report at the end (also --out-md, default OUT/report.md) and every number in JSON
@@ -57,9 +65,7 @@ import json
 import math
 import os
 import re
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 from collections import deque
@@ -200,63 +206,57 @@ def build_shapes(root, n, image_size, seed, heldout=()):
 
 
 # -----------------------------------------------------------------------------
-# Training through train_coco.py
+# Training through DiffusionModel.train
+
+
+def stage_kwargs(extra, stage):
+    """--train-kwargs for one stage: its top-level keys go to both stages, those under "vae" / "unet" to that one."""
+    return {**{k: v for k, v in extra.items() if k not in ("vae", "unet")}, **extra.get(stage, {})}
 
 
 def train(args, data_dir, run_dir, heldout):
-    """Run train_coco.py into run_dir unless a finished run with the same settings is there -> run_dir/model."""
-    settings = {"preset": args.preset, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "seed": args.seed,
-                "data": os.path.abspath(data_dir), "heldout": [list(c) for c in heldout], "train_args": args.train_args}
-    meta_file, model_dir = os.path.join(run_dir, "eval_train.json"), os.path.join(run_dir, "model")
+    """Train the VAE, then the UNet, into the run folder run_dir (DiffusionModel.train with out=run_dir, resume=True)
+    unless a finished run with the same settings is there -> (run_dir, seconds, reused). An interrupted run resumes
+    from its latest checkpoint; DiffusionModel.load(run_dir) loads the newest checkpoint."""
+    defaults = mini_sd.TRAINING[args.preset]
+    steps = {"vae": args.vae_steps if args.vae_steps is not None else defaults["vae"]["steps"],
+             "unet": args.unet_steps if args.unet_steps is not None else defaults["unet"]["steps"]}
+    settings = {"preset": args.preset, "vae_steps": steps["vae"], "unet_steps": steps["unet"], "seed": args.seed,
+                "data": os.path.abspath(data_dir), "heldout": [list(c) for c in heldout], "train_kwargs": args.train_kwargs}
+    meta_file = os.path.join(run_dir, "eval_train.json")
     old = None
     if os.path.isfile(meta_file):
         with open(meta_file) as f:
             old = json.load(f)
-    if old is not None and old.get("settings") != settings:
-        if not args.retrain:
-            sys.exit(f"error: {run_dir} holds a run with other settings ({old.get('settings')}); "
-                     f"use another --out, --retrain to replace it, or --model {model_dir} to evaluate it as it is")
-        old = None
-    if args.retrain or old is None:
+    if old is not None and old.get("settings") != settings and not args.retrain:
+        sys.exit(f"error: {run_dir} holds a run with other settings ({old.get('settings')}); "
+                 f"use another --out, --retrain to replace it, or --model {run_dir} to evaluate it as it is")
+    if args.retrain or old is None or old.get("settings") != settings:
         shutil.rmtree(run_dir, ignore_errors=True)
-    if old is not None and old.get("done") and os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+    elif old.get("done") and mini_sd.list_checkpoints(run_dir):
         log(f"training: reusing the finished run in {run_dir} (--retrain to train again)")
-        return model_dir, old.get("seconds"), True
+        return run_dir, old.get("seconds"), True
     os.makedirs(run_dir, exist_ok=True)
-    resume = any(n.startswith("ckpt-") for n in os.listdir(run_dir))
     with open(meta_file, "w") as f:
         json.dump({"settings": settings, "done": False}, f, indent=1)
-    cmd = [sys.executable, os.path.join(ROOT, "train_coco.py"), "--coco-dir", data_dir, "--split", "train2017",
-           "--preset", args.preset, "--out", run_dir, "--workers", str(args.workers), "--seed", str(args.seed)]
-    if args.vae_steps is not None:
-        cmd += ["--vae-steps", str(args.vae_steps)]
-    if args.unet_steps is not None:
-        cmd += ["--unet-steps", str(args.unet_steps)]
-    cmd += shlex.split(args.train_args or "") + (["--resume"] if resume else [])
-    log("training: " + " ".join(shlex.quote(c) for c in cmd))
+    data = mini_sd.CocoCaptions(os.path.join(data_dir, "train2017"),
+                                os.path.join(data_dir, "annotations", "captions_train2017.json"),
+                                mini_sd.Config.preset(args.preset).image_size)
+    torch.manual_seed(args.seed)
+    model = mini_sd.DiffusionModel(mini_sd.Config.preset(args.preset))
+    log(f"training: {args.preset} preset, {len(data)} images, VAE {steps['vae']} + UNet {steps['unet']} steps into "
+        f"{run_dir}" + (f", extra arguments {args.train_kwargs}" if args.train_kwargs else ""))
     t0 = time.time()
-    with open(os.path.join(run_dir, "..", "train.log"), "a") as logf:
-        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
-        try:
-            for line in proc.stdout:
-                logf.write(line)
-                if line.strip() and "Loading weights" not in line:  # the text encoder's progress bar
-                    print("  | " + line, end="", flush=True)
-            rc = proc.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached train_coco.py too: it finishes the step, saves and exits
-            proc.wait()
-            sys.exit("interrupted: train_coco.py saved a checkpoint; the same command resumes the training")
-    log_path = os.path.join(os.path.dirname(run_dir), "train.log")
-    if rc != 0:
-        sys.exit(f"error: train_coco.py exited with {rc}; its output is in {log_path}")
-    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        sys.exit(f"train_coco.py stopped before the end (a signal?) and wrote no {model_dir}; "
-                 "the same command resumes the training")
+    try:
+        for stage in ("vae", "unet"):
+            model.train(data, stage=stage, steps=steps[stage], out=run_dir, resume=True, num_workers=args.workers,
+                        seed=args.seed, **stage_kwargs(args.train_kwargs, stage))
+    except mini_sd.Interrupted as e:
+        sys.exit(f"interrupted ({e}): the same command resumes the training from the latest checkpoint")
     seconds = time.time() - t0
     with open(meta_file, "w") as f:
         json.dump({"settings": settings, "done": True, "seconds": seconds}, f, indent=1)
-    return model_dir, seconds, False
+    return run_dir, seconds, False
 
 
 # -----------------------------------------------------------------------------
@@ -378,6 +378,18 @@ def score_set(images, labels):
     return recs
 
 
+def outline_stats(recs):
+    """Pinched outlines in numbers, per true shape: the mean fill ratio of the images prompted (or drawn) as squares
+    and as circles over their prototypes (square 1, circle pi/4; concave sides and lumps lower it) and the mean
+    diagonal kurtosis excess, the corner measure (square 0.6, circle 0). Images with no object found are left out."""
+    out = {}
+    for shape in ("square", "circle"):
+        rs = [r for r in recs if r["truth"][1] == shape and r["fill"] is not None]
+        out[shape] = {"n": len(rs), "fill_rel": (sum(r["fill"] for r in rs) / len(rs) / SHAPE_PROTO[shape][0]) if rs else None,
+                      "diag": (sum(r["diag"] for r in rs) / len(rs)) if rs else None}
+    return out
+
+
 def scorer_report(recs):
     """Accuracy plus what went wrong, and the fill ratios per true shape (how far apart the classes are)."""
     acc = accuracy(recs)
@@ -409,7 +421,7 @@ def make_jobs(seen, heldout, seeds):
     return jobs
 
 
-def generate(model, jobs, sampler, steps, guidance, batch_size):
+def generate(model, jobs, sampler, steps, guidance, batch_size, guidance_rescale=0.0):
     """Images for jobs, batched per seed: model.sample(prompts of one seed, chunked, seed=seed * 1000 + chunk), so a
     (prompt, seed) gets the same starting noise in every configuration that runs the same job list."""
     images = [None] * len(jobs)
@@ -420,15 +432,15 @@ def generate(model, jobs, sampler, steps, guidance, batch_size):
         for k in range(0, len(idx), batch_size):
             chunk = idx[k : k + batch_size]
             out = model.sample([jobs[i]["prompt"] for i in chunk], steps=steps, sampler=sampler,
-                               guidance_scale=guidance, seed=seed * 1000 + k // batch_size)
+                               guidance_scale=guidance, guidance_rescale=guidance_rescale, seed=seed * 1000 + k // batch_size)
             for i, im in zip(chunk, out):
                 images[i] = im
     return images
 
 
-def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir):
+def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir, rescale=0.0):
     t0 = time.time()
-    images = generate(model, jobs, sampler, steps, guidance, args.batch_size)
+    images = generate(model, jobs, sampler, steps, guidance, args.batch_size, rescale)
     seconds = time.time() - t0
     recs = []
     for j, img in zip(jobs, images):
@@ -442,7 +454,7 @@ def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir):
     cols = cols if cols > 1 else min(6, len(jobs))
     grid_path = os.path.join(samples_dir, re.sub(r"[^\w.+-]", "_", name) + ".png")
     mini_sd.make_grid([images[i] for i in order], cols=cols).save(grid_path)
-    res = {"name": name, "sampler": sampler, "steps": steps, "guidance": guidance, "images": len(jobs),
+    res = {"name": name, "sampler": sampler, "steps": steps, "guidance": guidance, "rescale": rescale, "images": len(jobs),
            "seconds": round(seconds, 1), "s_per_image": round(seconds / max(1, len(jobs)), 3),
            "seen": accuracy([r for r in recs if r["split"] == "seen"]),
            "heldout": accuracy([r for r in recs if r["split"] == "heldout"]),
@@ -582,6 +594,28 @@ def fmt(x, nd=1):
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
+def rescale_table(res):
+    """guidance x guidance_rescale at DPM-Solver++ 20: accuracy, and the outline statistics that show pinching."""
+    f = lambda x, nd=3: fmt(x, nd)
+    L = ["guidance_rescale at DPM-Solver++ 20 (accuracy in %, seen and held-out pooled unless stated). Outlines: mean "
+         "fill ratio of images prompted as squares / circles relative to the prototypes (square 1, circle pi/4 = 0.785; "
+         "pinched, concave sides lower it) and mean diagonal kurtosis excess, the corner measure (square 0.6, "
+         "circle 0); n = images with an object found.\n",
+         "| guidance | rescale | images | colour | shape | position | **all** | seen all | held-out all "
+         "| square fill / 1 | circle fill / (pi/4) | square corners (0.6) | circle corners (0) | n square / circle |",
+         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, o in res["reference"].items():
+        L.append(f"| {name} | | | | | | | | | {f(o['square']['fill_rel'])} | {f(o['circle']['fill_rel'])} | "
+                 f"{f(o['square']['diag'])} | {f(o['circle']['diag'])} | {o['square']['n']} / {o['circle']['n']} |")
+    for r in res["rows"]:
+        a, o = r["pooled"], r["outline"]
+        L.append(f"| {r['guidance']:g} | {r['rescale']:g} | {r['images']} | {fmt(a['colour'])} | {fmt(a['shape'])} | "
+                 f"{fmt(a['position'])} | **{fmt(a['all'])}** | {fmt(r['seen_all'])} | {fmt(r['heldout_all'])} | "
+                 f"{f(o['square']['fill_rel'])} | {f(o['circle']['fill_rel'])} | {f(o['square']['diag'])} | "
+                 f"{f(o['circle']['diag'])} | {o['square']['n']} / {o['circle']['n']} |")
+    return "\n".join(L)
+
+
 def markdown(R):
     L = []
     s = R["setup"]
@@ -614,12 +648,16 @@ def markdown(R):
              "| held-out colour | held-out shape | held-out position | **held-out all** | time (s) | s/image |")
     L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in R["configs"]:
+        if c.get("rescale"):
+            continue  # in the guidance_rescale table
         a, b = c["seen"], c["heldout"]
         L.append(f"| {c['sampler']} | {c['steps']} | {c['guidance']:g} | {c['images']} | {fmt(a['colour'])} | "
                  f"{fmt(a['shape'])} | {fmt(a['position'])} | **{fmt(a['all'])}** | {fmt(b['colour'])} | "
                  f"{fmt(b['shape'])} | {fmt(b['position'])} | **{fmt(b['all'])}** | {c['seconds']:.0f} | {c['s_per_image']:.2f} |")
     L.append("\nAccuracies in %, per generated image, judged by the pixel scorer. Rows with guidance other than "
              f"{s['guidance']:g} are the guidance sweep.\n")
+    if R.get("rescale", {}).get("rows"):
+        L.append(rescale_table(R["rescale"]) + "\n")
     if R.get("per_heldout"):
         L.append("Held-out combinations at DPM-Solver++ 20 (images with all three right / images): "
                  + ", ".join(f"{k} {v}" for k, v in R["per_heldout"].items()) + ".\n")
@@ -645,13 +683,16 @@ def parse_args(argv=None):
                                 epilog=__doc__.split("\n\n", 1)[1])
     a = p.add_argument
     a("--out", default="runs/eval-quality", help="work folder: data/, val/, run/ (training), samples/, report")
-    a("--model", default=None, help="evaluate this checkpoint folder (DiffusionModel.save / train_coco.py) instead of training")
+    a("--model", default=None, help="evaluate this model instead of training: a run folder (DiffusionModel.train's out, "
+                                    "train_coco.py's --out: its latest checkpoint), a ckpt-* folder or a DiffusionModel.save folder")
     a("--quick", action="store_true", help="smoke test: tiny preset, very short training (it learns next to nothing), few images: about a minute")
     a("--preset", default=None, choices=sorted(mini_sd.PRESETS), help="model size to train (default small)")
-    a("--vae-steps", type=int, default=None, help="passed to train_coco.py (default: its per-preset default)")
-    a("--unet-steps", type=int, default=None, help="passed to train_coco.py (default: its per-preset default)")
-    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="passed to train_coco.py")
-    a("--train-args", default="", help="more train_coco.py flags, one string, e.g. '--batch-size 16 --lr 3e-4'")
+    a("--vae-steps", type=int, default=None, help="VAE training steps (default: mini_sd.TRAINING[preset]['vae'])")
+    a("--unet-steps", type=int, default=None, help="UNet training steps (default: mini_sd.TRAINING[preset]['unet'])")
+    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DiffusionModel.train's num_workers")
+    a("--train-kwargs", default="{}", help="more DiffusionModel.train arguments as a JSON object; top-level keys go to "
+                                           "both stages, those under \"vae\" or \"unet\" to one, e.g. "
+                                           "'{\"unet\": {\"batch_size\": 16, \"lr\": 3e-4}, \"ema\": 0.99}'")
     a("--retrain", action="store_true", help="train again even if OUT/run holds a finished run with these settings")
     a("--n", type=int, default=None, help="shapes images generated before the held-out ones are dropped (default 2000)")
     a("--heldout", type=int, default=12, help="held-out combinations (of 75)")
@@ -663,6 +704,9 @@ def parse_args(argv=None):
     a("--val-n", type=int, default=None, help="real validation images for the scorer and the VAE (default 500)")
     a("--guidance", type=float, default=5.0, help="classifier-free guidance scale of the sampler comparison")
     a("--guidance-sweep", default="1,2,3,5,7.5", help="guidance scales tried at DPM-Solver++ 20 ('' to skip)")
+    a("--guidance-rescale", default="0,0.7", help="guidance_rescale values of the rescale table ('' to skip it)")
+    a("--rescale-guidance", default="5,7.5", help="guidance scales at which each --guidance-rescale value is tried "
+                                                  "(DPM-Solver++ 20)")
     a("--ddpm-steps", type=int, default=1000)
     a("--ddpm-images", type=int, default=None,
       help="images for DDPM (slow): the first of the prompt x seed list, balanced seen/held-out (default: one per "
@@ -679,7 +723,7 @@ def parse_args(argv=None):
     a("--fid-steps", type=int, default=20, help="DPM-Solver++ steps for FID images")
     a("--out-md", default=None, help="markdown report (default OUT/report.md)")
     a("--out-json", default=None, help="all numbers as JSON (default OUT/results.json)")
-    a("--threads", type=int, default=None, help="torch threads here and OMP_NUM_THREADS for training (default: torch's "
+    a("--threads", type=int, default=None, help="torch threads for training and evaluation (default: torch's "
                                                "own; use 1 on a machine busy with another job: oversubscribed cores slow "
                                                "small batches down many times over)")
     a("--strict", action="store_true", help="exit 1 when a target fails")
@@ -697,6 +741,22 @@ def parse_args(argv=None):
     args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(ipp))
     args.seen_prompts = args.seen_prompts if args.seen_prompts is not None else (6 if q else args.heldout)
     args.guidance_sweep = [float(g) for g in args.guidance_sweep.split(",") if g.strip()]
+    args.guidance_rescale = [float(r) for r in args.guidance_rescale.split(",") if r.strip()]
+    args.rescale_guidance = [float(g) for g in args.rescale_guidance.split(",") if g.strip()]
+    for r in args.guidance_rescale:
+        if not 0 <= r <= 1:
+            p.error(f"--guidance-rescale {r}: must be in [0, 1]")
+    try:
+        args.train_kwargs = json.loads(args.train_kwargs)
+        if not isinstance(args.train_kwargs, dict) or not all(isinstance(v, dict) for k, v in args.train_kwargs.items()
+                                                               if k in ("vae", "unet")):
+            raise ValueError("not a JSON object (with objects under \"vae\" and \"unet\")")
+        bad = {k for k in [*args.train_kwargs, *args.train_kwargs.get("vae", {}), *args.train_kwargs.get("unet", {})]
+               if k in ("data", "stage", "steps", "out", "resume", "seed", "num_workers")}
+        if bad:
+            raise ValueError(f"{sorted(bad)} are set by this script's own flags")
+    except ValueError as e:
+        p.error(f"--train-kwargs: {e}")
     args.out_md = args.out_md or os.path.join(args.out, "report.md")
     args.out_json = args.out_json or os.path.join(args.out, "results.json")
     return args
@@ -738,8 +798,15 @@ def main(argv=None):
     model_dir, train_seconds, train_images = args.model, None, None
     heldout = choose_heldout(args.heldout, args.heldout_seed)
     if model_dir:
-        meta = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "eval_train.json")
-        if os.path.isfile(meta):
+        try:
+            mini_sd.checkpoint_dir(model_dir)
+        except FileNotFoundError as e:
+            sys.exit(f"error: --model: {e}")
+        # eval_train.json lies in the run folder: model_dir itself, or the parent of one of its ckpt-* folders
+        meta = next((m for m in (os.path.join(model_dir, "eval_train.json"),
+                                 os.path.join(os.path.dirname(os.path.abspath(model_dir)), "eval_train.json"))
+                     if os.path.isfile(m)), "")
+        if meta:
             with open(meta) as f:
                 heldout = [tuple(c) for c in json.load(f)["settings"]["heldout"]]
             log(f"model {model_dir}: trained by this script; its held-out combinations are used")
@@ -774,7 +841,8 @@ def main(argv=None):
     val_tensors = torch.stack([mini_sd.load_image(os.path.join(val_dir, "train2017", f), cfg.image_size) for f, _ in val])
     val_images = mini_sd.to_pil(val_tensors)
     val_labels = [lab for _, lab in val]
-    scorer_real = scorer_report(score_set(val_images[: args.val_n], val_labels[: args.val_n]))
+    real_recs = score_set(val_images[: args.val_n], val_labels[: args.val_n])
+    scorer_real = scorer_report(real_recs)
     timings["scorer validation"] = time.time() - t0
     log(f"scorer on {scorer_real['n']} real images: colour {fmt(scorer_real['colour'])}%, shape {fmt(scorer_real['shape'])}%, "
         f"position {fmt(scorer_real['position'])}%, all three {fmt(scorer_real['all'])}%; fill per shape "
@@ -788,9 +856,10 @@ def main(argv=None):
     held_set = {tuple(c) for c in heldout}
     is_held = [tuple(lab) in held_set for lab in val_labels[: args.val_n]]
     mean = lambda xs: (sum(xs) / len(xs)) if xs else None
+    recon_recs = score_set(recon, val_labels[: args.val_n])
     vae = {"n": len(psnr), "psnr": mean(psnr), "psnr_seen": mean([p for p, h in zip(psnr, is_held) if not h]),
            "psnr_heldout": mean([p for p, h in zip(psnr, is_held) if h]),
-           "scorer": {k: v for k, v in scorer_report(score_set(recon, val_labels[: args.val_n])).items() if k != "errors"}}
+           "scorer": {k: v for k, v in scorer_report(recon_recs).items() if k != "errors"}}
     timings["VAE PSNR"] = time.time() - t0
     samples_dir = os.path.join(args.out, "samples")
     os.makedirs(samples_dir, exist_ok=True)
@@ -805,21 +874,33 @@ def main(argv=None):
     # 3. generation ------------------------------------------------------------------------------------
     jobs = make_jobs(seen, heldout, args.seeds)
     ddpm_n = len(make_jobs(seen, heldout, args.seeds[:1])) if args.ddpm_images is None else args.ddpm_images
-    plan = [("dpm++", 20, args.guidance, jobs), ("dpm++", 10, args.guidance, jobs)]
+    plan = [("dpm++", 20, args.guidance, jobs, 0.0), ("dpm++", 10, args.guidance, jobs, 0.0)]
     if not args.skip_ddim:
-        plan.append(("ddim", 50, args.guidance, jobs))
+        plan.append(("ddim", 50, args.guidance, jobs, 0.0))
     if ddpm_n > 0:
-        plan.append(("ddpm", args.ddpm_steps, args.guidance, jobs[:ddpm_n]))
-    plan += [("dpm++", 20, g, jobs) for g in args.guidance_sweep if g != args.guidance]
+        plan.append(("ddpm", args.ddpm_steps, args.guidance, jobs[:ddpm_n], 0.0))
+    plan += [("dpm++", 20, g, jobs, 0.0) for g in dict.fromkeys(args.guidance_sweep) if g != args.guidance]
+    # guidance_rescale: every value at every guidance scale; rescale 0 reuses the guidance sweep's row where it has one
+    rescale_rows = [(g, r) for g in dict.fromkeys(args.rescale_guidance) for r in dict.fromkeys(args.guidance_rescale)]
+    plan += [("dpm++", 20, g, jobs, r) for g, r in rescale_rows
+             if not any(c[0] == "dpm++" and c[1] == 20 and c[2] == g and c[4] == r for c in plan)]
     log(f"generation: {len(seen)} seen + {len(heldout)} held-out prompts x {len(args.seeds)} seeds = {len(jobs)} images "
         f"per configuration (DDPM: {min(ddpm_n, len(jobs))})")
     configs = []
     t0 = time.time()
-    for sampler, steps, g, js in plan:
-        name = f"{sampler}-{steps}-g{g:g}"
-        configs.append(run_config(model, name, js, sampler, steps, g, args, samples_dir)[0])
+    for sampler, steps, g, js, r in plan:
+        name = f"{sampler}-{steps}-g{g:g}" + (f"-rescale{r:g}" if r else "")
+        configs.append(run_config(model, name, js, sampler, steps, g, args, samples_dir, r)[0])
     timings["generation"] = time.time() - t0
     main = configs[0]
+    # the rescale table: accuracy and outline statistics per (guidance, rescale), real images and reconstructions first
+    rescale = {"reference": {"real images": outline_stats(real_recs), "VAE reconstructions": outline_stats(recon_recs)},
+               "rows": []}
+    for g, r in rescale_rows:
+        c = next(c for c in configs if c["sampler"] == "dpm++" and c["steps"] == 20 and c["guidance"] == g and c["rescale"] == r)
+        rescale["rows"].append({"guidance": g, "rescale": r, "name": c["name"], "images": c["images"], "pooled": c["pooled"],
+                                "seen_all": c["seen"]["all"], "heldout_all": c["heldout"]["all"],
+                                "outline": outline_stats(c["records"]), "grid": c["grid"]})
     per_heldout = {}
     for r in main["records"]:
         if r["split"] == "heldout":
@@ -874,13 +955,11 @@ def main(argv=None):
                    "train_images": train_images, "heldout": [list(c) for c in heldout], "seen": [list(c) for c in seen],
                    "seeds": args.seeds, "images_per_prompt": len(args.seeds), "guidance": args.guidance,
                    "device": str(model.device), "threads": torch.get_num_threads(), "quick": args.quick},
-         "scorer_real": scorer_real, "vae": vae, "configs": configs, "per_heldout": per_heldout, "fid": fid_res,
+         "scorer_real": scorer_real, "vae": vae, "configs": configs, "rescale": rescale, "per_heldout": per_heldout, "fid": fid_res,
          "targets": targets, "timings": {k: round(v, 1) for k, v in timings.items()}}
-    for k in ("vae_steps", "unet_steps"):
-        if R["setup"][k] is None:  # train_coco.py's per-preset default
-            from train_coco import DEFAULTS
-
-            R["setup"][k] = DEFAULTS[args.preset][k]
+    for k, stage in (("vae_steps", "vae"), ("unet_steps", "unet")):
+        if R["setup"][k] is None:  # the library's per-preset default
+            R["setup"][k] = mini_sd.TRAINING[args.preset][stage]["steps"]
     md = markdown(R)
     log("\n" + md)
     for path, write in ((args.out_md, lambda f: f.write(md)), (args.out_json, lambda f: json.dump(R, f, indent=1))):
