@@ -792,7 +792,7 @@ def bf16_supported(device):  # bf16 where the hardware has it: any CPU, CUDA fro
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "mps":  # MPS autocast knows float16 and, on macOS 14 and later, bfloat16
-        return torch.backends.mps.is_macos_or_newer(14, 0)
+        return getattr(torch.backends.mps, "is_macos_or_newer", lambda *v: False)(14, 0)
     return device.type == "cpu"
 
 
