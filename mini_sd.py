@@ -6,11 +6,15 @@ remove Gaussian noise from those latents, steered by a frozen pretrained text en
 a noise schedule with fast samplers (DDPM, DDIM, DPM-Solver++) turns noise into images.
 
     from mini_sd import Config, DiffusionModel, CocoCaptions, make_shapes_dataset
-    data = CocoCaptions(*make_shapes_dataset("data/shapes", n=2000, image_size=64), image_size=64)
-    model = DiffusionModel(Config.preset("small"))
-    model.train(data, stage="vae", out="runs/api", resume=True)   # autoencoder, then the latent scale
-    model.train(data, stage="unet", out="runs/api", resume=True)  # denoiser on cached latents
-    model.sample(["a red circle in the top left"], seed=0)[0].save("out.png")
+
+    image_dir, captions = make_shapes_dataset("data/shapes", n=2000, image_size=64)   # or COCO's train2017/ + json
+    data = CocoCaptions(image_dir, captions, image_size=64)
+    model = DiffusionModel(Config.preset("small"))     # DiffusionModel() is the 256 px "base" preset
+    model.train(data, stage="vae", out="runs/api", resume=True)   # autoencoder, then the latent scaling_factor
+    model.train(data, stage="unet", out="runs/api", resume=True)  # denoiser on latents encoded once; EMA, CFG dropout
+    images = model.sample(["a red circle in the top left"], steps=25, sampler="dpm++", guidance_scale=5, seed=0)
+    images[0].save("red_circle.png")
+    model.save("my-model"); model = DiffusionModel.load("my-model")  # safetensors + config.json; also loads runs/api
 
 Read top to bottom: config -> building blocks -> VAE -> UNet -> text encoder -> schedule and
 samplers -> checkpoint files -> data -> training loop -> DiffusionModel -> command line.
