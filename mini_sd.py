@@ -24,7 +24,6 @@ tqdm it brings), so the file can be pasted into a notebook cell on its own.
 
 import argparse
 import contextlib
-import copy
 import csv
 import hashlib
 import importlib.util
@@ -40,7 +39,7 @@ import textwrap
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import safetensors.torch
@@ -1048,7 +1047,7 @@ class DiffusionModel(nn.Module):
         self.unet = UNet(cfg, context_dim=self.text_encoder.hidden_size)
         self.scheduler = NoiseSchedule(cfg)
         self.ema_unet = None  # made by the first UNet training run with ema > 0
-        self.compile_options, self.latents = None, None  # latents: (key, the latent cache) of the last dataset
+        self.compile_options, self.latents, self.inference = None, None, None  # latents: (key, latent cache) of the last dataset
         self.to(default_device())
 
     @property
@@ -1347,7 +1346,7 @@ class DiffusionModel(nn.Module):
         negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
         if len(negative) != len(prompts):
             raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
-        B, cfg, unet = len(prompts), self.config, self.ema_unet if self.ema_unet is not None else self.unet
+        B, cfg, unet = len(prompts), self.config, self.sampling_unet()
         generator = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
         shape = (B, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
         noise = torch.randn(shape, generator=generator).to(self.device)  # drawn on the CPU: same seed, same image anywhere
@@ -1367,8 +1366,7 @@ class DiffusionModel(nn.Module):
 
         def model_fn(x, t):
             xin = torch.cat([x, x]) if guided else x
-            with bf16_autocast(self.device):
-                out = unet(xin, torch.full((xin.shape[0],), t, device=self.device), context, mask).float()
+            out = unet(xin, torch.full((xin.shape[0],), t, device=self.device), context, mask).float()
             if not guided:
                 return out
             uncond, cond = out.chunk(2)
@@ -1384,6 +1382,23 @@ class DiffusionModel(nn.Module):
         latents = self.scheduler.sample(model_fn, x, timesteps, sampler, eta, generator)
         self.train(was_training)
         return to_pil(self.decode(latents))
+
+    def sampling_unet(self):
+        """What sample() runs: the EMA (else the raw) UNet, as a bf16 copy where the device has bf16. Cast once
+        instead of autocast re-casting ~200 weights every step; the fp32 weights that train stay untouched. The
+        copy is made again whenever a weight changed since (every in-place update bumps a tensor's _version)."""
+        unet = self.ema_unet if self.ema_unet is not None else self.unet
+        if not bf16_supported(self.device):
+            return unet
+        version = (id(unet), [p._version for p in unet.parameters()])
+        if self.inference is None or self.inference[0] != version:
+            copy = UNet(self.config, self.text_encoder.hidden_size).to(self.device, torch.bfloat16)
+            copy.load_state_dict(unet.state_dict())
+            copy.requires_grad_(False).eval()
+            if self.compile_options is not None:
+                copy.compile(**self.compile_options)
+            self.inference = (version, copy)
+        return self.inference[1]
 
     # -- checkpoints -------------------------------------------------------------
     def save(self, path):

@@ -851,3 +851,24 @@ def test_grid_captions():
     assert plain.size == (96, 32) and captioned.shape[1] == 3 * 128 and captioned.shape[0] > 128
     strip = captioned[128:, :128]
     assert (strip < 100).any() and (strip > 200).any()  # dark text on white under the first tile
+
+
+def test_sampling_runs_a_bf16_copy_made_once_and_leaves_the_fp32_weights(monkeypatch):
+    model = tiny_model(seed=1)
+    randomise_output(model)
+    weights = [p.clone() for p in model.unet.parameters()]
+    fast = pixels(model.sample([CAPTION, "a blue square"], steps=4, seed=0))
+    copy = model.inference[1]
+    assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
+    assert all(p.dtype == torch.float32 and torch.equal(p, w) for p, w in zip(model.unet.parameters(), weights))
+    model.sample([CAPTION], steps=2, seed=0)
+    assert model.inference[1] is copy  # cast once, not per call or per step
+    with torch.no_grad():
+        model.unet.conv_out.weight.mul_(1.5)  # any in-place change (an optimiser step, an EMA update) ...
+    model.sample([CAPTION], steps=2, seed=0)
+    assert model.inference[1] is not copy  # ... gives a fresh copy
+    with torch.no_grad():
+        model.unet.conv_out.weight.div_(1.5)
+    monkeypatch.setattr(mini_sd, "bf16_supported", lambda device: False)  # the fp32 path, for reference
+    exact = pixels(model.sample([CAPTION, "a blue square"], steps=4, seed=0))
+    assert (fast - exact).abs().mean() < 2.0  # of 255: bf16 weights change a pixel by about a level
