@@ -7,14 +7,28 @@
     python benchmarks/bench_speed.py --presets small --out bench.md
     python benchmarks/bench_speed.py --compile           # adds a torch.compile'd training-step section (slow to compile)
     python benchmarks/bench_speed.py --profile           # adds a profiler table of one bf16 training step per side
+    HF_HUB_OFFLINE=1 python benchmarks/bench_speed.py --presets small --sections sample --rounds 3 --warmup 1
+    HF_HUB_OFFLINE=1 python benchmarks/bench_speed.py --presets small --sections --profile-sample   # profile alone
+    HF_HUB_OFFLINE=1 python benchmarks/bench_speed.py --sections memory   # peak RSS, a fresh process per configuration
     HF_HUB_OFFLINE=1 python benchmarks/bench_speed.py --sections cache text   # the library sections (several minutes)
 
 What is measured, per preset:
   * UNet training step: forward + MSE loss (fp32) + backward + AdamW step, in fp32 and under bf16 autocast, eager;
     optionally (--compile) the same step with torch.compile'd UNets.
-  * Sampling: 25 steps of DPM-Solver++(2M) with classifier-free guidance (uncond+cond batched: one UNet forward
-    on 2B per step), UNet under bf16 autocast and no_grad. The UNet loop only; the VAE is timed on its own.
+  * Sampling, end to end and best against best (text to PIL images; batches 4 and 16 for small, 4 for base):
+    mini_sd's DiffusionModel.sample(prompts, steps=25, sampler="dpm++", guidance_scale=5, seed=...) (MiniLM text
+    encoding, 25 guided steps of its bf16 inference UNet copy, fp32 VAE decode) against diffusers'
+    StableDiffusionPipeline around the same-size UNet and VAE cast to bf16 as from_pretrained(torch_dtype=bf16)
+    loads them, DPMSolverMultistepScheduler with the same timesteps, batched CFG, decode with the peer VAE, fed
+    prompt_embeds from the same mini_sd.TextEncoder call inside the timing (details above bench_sample). The
+    untrained DiffusionModel gets vae.scaling_factor 1 and small random weights in its zero-initialised output
+    layers. Targets (the issue): >= 1.5x at batch 4, >= 1.3x at batch 16. --profile-sample adds profiler tables
+    (top 10 ops by self CPU time) of one guided step per side at --profile-batch, and the run split into phases.
   * VAE encode and decode in fp32, no_grad.
+
+Memory section (--sections memory, not in the default): peak RSS (VmHWM) of a small and a base UNet training step
+(bf16 autocast, batch as above) and of end-to-end sampling at batch 16 (small), per side, each in a fresh process
+(this script re-invoked with a hidden --memory-child flag) that first imports the same libraries on both sides.
 
 Library sections (mini_sd only, no diffusers side; --sections cache text, not in the default):
   * cache: UNet-stage images/s through DiffusionModel.train on a CocoCaptions shapes dataset (make_shapes_dataset,
@@ -32,10 +46,11 @@ Library sections (mini_sd only, no diffusers side; --sections cache text, not in
 Fairness: both sides get identical input tensors (latents, timesteps, noise, text context and mask, images), do the
 same work (same architecture: parameter counts are asserted equal within 5%; same loss; same optimiser, torch AdamW
 with the same hyper-parameters; the same sampler with the same timesteps, checked numerically below), run in the same
-dtypes (fp32, or fp32 weights under torch.autocast('cpu', bfloat16)), with the same thread count, and each side in its
-own default memory layout (NCHW, contiguous; neither is converted to channels_last). No text encoder is loaded: the
-context is a random (B, S, 384) tensor, S = cfg.max_text_length, with a boolean mask whose first tokens are True;
-mini_sd gets it as `mask`, diffusers as `encoder_attention_mask`.
+dtypes (fp32, or fp32 weights under torch.autocast('cpu', bfloat16); sampling: each library's bf16 as its users get
+it), with the same thread count, and each side in its own default memory layout (NCHW, contiguous; neither is
+converted to channels_last). Outside the sampling section no text encoder is loaded: the context is a random
+(B, S, 384) tensor, S = cfg.max_text_length, with a boolean mask whose first tokens are True; mini_sd gets it as
+`mask`, diffusers as `encoder_attention_mask`.
 
 Timing: the two sides alternate within one process, round by round (mini, diffusers, then diffusers, mini, ...), after
 warm-up iterations, and the median of each is reported. The machine may be shared and noisy, so read the ratio
@@ -74,9 +89,10 @@ VALID_TOKENS = 10  # the first tokens of each caption are real, the rest padding
 
 # defaults per preset: training batch, warm-up iterations, timed rounds (--quick lowers the rounds)
 PRESET_DEFAULTS = {
-    "tiny": dict(train_batch=16, warmup=2, rounds=7, sample_rounds=5),
-    "small": dict(train_batch=16, warmup=2, rounds=7, sample_rounds=5),
-    "base": dict(train_batch=4, warmup=1, rounds=2, sample_rounds=2),  # a base training step takes 5-20 s here
+    "tiny": dict(train_batch=16, warmup=2, rounds=7, sample_rounds=5, sample_batches=(4, 16)),
+    "small": dict(train_batch=16, warmup=2, rounds=7, sample_rounds=5, sample_batches=(4, 16)),
+    # a base training step takes 5-20 s here, a base sampling run at batch 4 tens of seconds
+    "base": dict(train_batch=4, warmup=1, rounds=2, sample_rounds=2, sample_batches=(4,)),
 }
 
 
@@ -150,11 +166,10 @@ def measure_peak(warmup, rounds, n=2048):
 # Models: mini_sd's, and diffusers' with the same widths, depths, attention placement and heads
 
 
-def build_unets(cfg):
+def diffusers_unet(cfg):
     from diffusers import UNet2DConditionModel
 
-    mini = mini_sd.UNet(cfg, context_dim=CONTEXT_DIM)
-    diff = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=cfg.latent_size,
         in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels,
@@ -166,15 +181,17 @@ def build_unets(cfg):
         cross_attention_dim=CONTEXT_DIM,
         norm_num_groups=cfg.norm_num_groups,
     )  # mid block: UNetMidBlock2DCrossAttn (resnet, transformer, resnet), like mini_sd's mid
-    return mini, diff
 
 
-def build_vaes(cfg):
+def build_unets(cfg):
+    return mini_sd.UNet(cfg, context_dim=CONTEXT_DIM), diffusers_unet(cfg)
+
+
+def diffusers_vae(cfg, scaling_factor=0.18215):
     from diffusers import AutoencoderKL
 
-    mini = mini_sd.VAE(cfg)
     n = len(cfg.vae_channels)
-    diff = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n,
@@ -184,11 +201,15 @@ def build_vaes(cfg):
         latent_channels=cfg.latent_channels,
         norm_num_groups=min(cfg.norm_num_groups, cfg.vae_channels[0]),
         sample_size=cfg.image_size,
+        scaling_factor=scaling_factor,
         mid_block_add_attention=False,  # mini_sd's VAE has no attention: its mid block is two ResBlocks
         use_quant_conv=False,  # ... and no quant / post-quant 1x1 convs
         use_post_quant_conv=False,
     )
-    return mini, diff
+
+
+def build_vaes(cfg):
+    return mini_sd.VAE(cfg), diffusers_vae(cfg)
 
 
 def check_params(label, mini, diff):
@@ -221,10 +242,13 @@ def call_diff(unet, x, t, context, mask):
 # Samplers: DPM-Solver++(2M), trailing timesteps, final step to x0, on both sides
 
 
-def diffusers_scheduler(cfg):
+def diffusers_scheduler(cfg, steps_offset=0):
+    """steps_offset: 1 for a pipeline (it rewrites any other value, with a deprecation warning); it shifts only
+    "leading" timesteps, not the presets' "trailing" ones."""
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler(
+        steps_offset=steps_offset,
         num_train_timesteps=cfg.num_train_timesteps,
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
@@ -249,22 +273,6 @@ def diff_loop(scheduler, eps_fn, noise, steps):
     for t in scheduler.timesteps:
         x = scheduler.step(eps_fn(scheduler.scale_model_input(x, t), t), t, x, return_dict=False)[0]
     return x
-
-
-def guided(unet, call, context, mask, guidance):
-    """CFG as in DiffusionModel.sample's model_fn (the library has no stand-alone guidance function): uncond and cond
-    halves batched into one forward of 2B, under the library's bf16 autocast. DiffusionModel.sample itself would add
-    text encoding and VAE decoding, which this section leaves out on both sides."""
-
-    def eps_fn(x, t):
-        xin = torch.cat([x, x])
-        t = torch.full((xin.shape[0],), int(t), dtype=torch.long)
-        with autocast("bf16-autocast"):
-            out = call(unet, xin, t, context, mask).float()
-        uncond, cond = out.chunk(2)
-        return uncond + guidance * (cond - uncond)
-
-    return eps_fn
 
 
 def check_samplers(cfg, steps):
@@ -313,6 +321,15 @@ class Results:
                 f"| {r['items'] / m:.2f} | {r['items'] / d:.2f} | {fm / 1e9:.0f} | {100 * fm / r['peak']:.1f}% "
                 f"| {fd / 1e9:.0f} | {100 * fd / r['peak']:.1f}% |")
         return "\n".join(lines)
+
+    def targets(self):
+        """The issue's sampling targets (small preset, SAMPLE_TARGETS), met or not, as a line under the table."""
+        rows = [r for r in self.rows if r["preset"] == "small" and r["what"].startswith("sample") and r["batch"] in SAMPLE_TARGETS]
+        if not rows:
+            return ""
+        return "\n\nTargets, end-to-end sampling against the bf16 pipeline (small preset): " + ", ".join(
+            f"batch {r['batch']} {r['med']['diffusers'] / r['med']['mini']:.2f}x (target >= {SAMPLE_TARGETS[r['batch']]}x: "
+            f"{'met' if r['med']['diffusers'] / r['med']['mini'] >= SAMPLE_TARGETS[r['batch']] else 'not met'})" for r in rows) + "."
 
 
 def bench_train(res, preset, cfg, unets, batch, warmup, rounds, dtypes, gen, compiled=None):
@@ -366,27 +383,303 @@ def make_step_eager(model, call, dtype, x, t, noise, context, mask):
     return step
 
 
-def bench_sample(res, preset, cfg, unets, batch, steps, guidance, warmup, rounds, gen):
-    h = cfg.latent_size
-    noise = torch.randn(batch, cfg.latent_channels, h, h, generator=gen)
-    # uncond + cond contexts, batched as [uncond; cond] like DiffusionModel.sample
-    context = torch.randn(2 * batch, cfg.max_text_length, CONTEXT_DIM, generator=gen)
-    mask = torch.zeros(2 * batch, cfg.max_text_length, dtype=torch.bool)
-    mask[:, :VALID_TOKENS] = True
-    for u in unets.values():
-        u.eval()
-    eps = {"mini": guided(unets["mini"], call_mini, context, mask, guidance),
-           "diffusers": guided(unets["diffusers"], call_diff, context, mask, guidance)}
-    scheduler = diffusers_scheduler(cfg)
-    fns = {"mini": lambda: mini_loop(cfg, eps["mini"], noise, steps),
-           "diffusers": lambda: diff_loop(scheduler, eps["diffusers"], noise, steps)}
+# -----------------------------------------------------------------------------
+# End-to-end sampling: DiffusionModel.sample against diffusers' StableDiffusionPipeline in bf16, the same-size peer
+#
+# mini_sd: model.sample(prompts, steps=25, sampler="dpm++", guidance_scale=5, seed=...) exactly as a user calls it:
+#   text encoding (negative + prompts, one forward), 25 guided steps of its bf16 inference copy of the UNet
+#   (model.sampling_unet(), made once and reused), the VAE decode (fp32: mini_sd decodes in fp32 by design) and the
+#   conversion to PIL images.
+# diffusers: a real StableDiffusionPipeline (not a hand-written loop) around the peer UNet2DConditionModel and
+#   AutoencoderKL, cast to bf16 as from_pretrained(..., torch_dtype=torch.bfloat16) loads it (UNet and VAE in bf16;
+#   the latents follow the embeddings' dtype, bf16), DPMSolverMultistepScheduler (DPM-Solver++(2M), the same
+#   timesteps, asserted), batched CFG, decode with the peer VAE, output_type="pil". The pipeline's text slots take
+#   CLIP only, so it gets no tokenizer or text encoder: each timed call first encodes the prompts with the same
+#   mini_sd.TextEncoder call that sample() makes (text_encoder(negative + prompts)) and hands the halves to the
+#   pipeline as prompt_embeds / negative_prompt_embeds. So the text encoding is identical on both sides and inside
+#   both timings. Differences that are the libraries' own: the pipeline passes no attention mask to its UNet (SD
+#   pipelines never do), mini_sd masks the padding tokens; the pipeline's VAE decodes in bf16, mini_sd's in fp32.
+
+
+def wake_outputs(module, gen, std=0.02):
+    """mini_sd zero-initialises its UNet's conv_out and every transformer's proj_out (an untrained UNet predicts 0):
+    give those layers small random weights so the sampled latents and images are real work, not zeros. -> count."""
+    woken = 0
     with torch.no_grad():
-        # FLOPs: one guided UNet forward on 2B, times the number of steps (the sampler arithmetic is element-wise)
-        flops = {k: steps * count_flops(lambda: e(noise, 500)) for k, e in eps.items()}
-        # warm-up: guided UNet forwards (what needs warming), cheaper than whole sampling runs
-        interleaved({k: (lambda e=e: e(noise, 500)) for k, e in eps.items()}, warmup, 0)
-        times = interleaved(fns, 0, rounds)
-    res.add(preset, f"sample {steps} steps DPM++(2M), CFG", "bf16-autocast (UNet)", batch, times, flops, batch)
+        for m in module.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * std)
+                woken += 1
+    return woken
+
+
+def mini_sampler(cfg, seed):
+    """A DiffusionModel of cfg: untrained VAE with scaling_factor 1, the UNet's zero-initialised outputs woken."""
+    torch.manual_seed(seed)
+    model = mini_sd.DiffusionModel(cfg).to(CPU)  # it moves itself to a GPU where there is one; the pipeline stays on the CPU
+    model.vae.scaling_factor.fill_(1.0)
+    wake_outputs(model.unet, torch.Generator().manual_seed(seed))
+    return model
+
+
+def diffusers_pipeline(cfg, dtype=torch.bfloat16):
+    """StableDiffusionPipeline around the same-size peer UNet and VAE (scaling_factor 1, as mini_sd's here), every
+    component cast to dtype as from_pretrained(torch_dtype=dtype) would load it; no tokenizer / text encoder (see
+    above), no safety checker, progress bar off."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=diffusers_vae(cfg, scaling_factor=1.0), text_encoder=None, tokenizer=None,
+                                   unet=diffusers_unet(cfg), scheduler=diffusers_scheduler(cfg, steps_offset=1),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    # .to(dtype) warns that from_pretrained(torch_dtype=...) would keep _keep_in_fp32_modules in fp32: that list is
+    # empty for UNet2DConditionModel and AutoencoderKL, so the cast is exactly what from_pretrained would load
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        assert not (pipe.unet._keep_in_fp32_modules or pipe.vae._keep_in_fp32_modules)
+        return pipe.to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def sample_fns(model, pipe, text_encoder, prompts, steps, guidance, seed):
+    """{"mini": model.sample(...), "diffusers": text encoding + pipe(...)}, each -> list of PIL images. model or pipe
+    may be None (the memory section builds one side only)."""
+    B, negative = len(prompts), [""] * len(prompts)
+
+    def mini():
+        return model.sample(prompts, steps=steps, sampler="dpm++", guidance_scale=guidance, seed=seed)
+
+    def diffusers():
+        context, _ = text_encoder(negative + prompts)  # what DiffusionModel.sample does: [uncond; cond], one forward
+        return pipe(prompt_embeds=context[B:], negative_prompt_embeds=context[:B], num_inference_steps=steps,
+                    guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), output_type="pil").images
+
+    return {k: fn for k, fn in (("mini", mini), ("diffusers", diffusers)) if (model if k == "mini" else pipe) is not None}
+
+
+def sample_label(steps, guidance):
+    return f"sample {steps} steps DPM++(2M), CFG {guidance:g}, end to end"
+
+
+SAMPLE_DTYPE = "bf16 (mini_sd VAE fp32)"
+SAMPLE_TARGETS = {4: 1.5, 16: 1.3}  # the issue's targets for the small preset: batch -> speed ratio
+
+
+def bench_sample(res, preset, cfg, batches, steps, guidance, warmup, rounds, seed):
+    """End to end, text to PIL images, per batch: DiffusionModel.sample against the bf16 StableDiffusionPipeline."""
+    model, pipe = mini_sampler(cfg, seed), diffusers_pipeline(cfg)
+    check_params("UNet", model.unet, pipe.unet)
+    check_params("VAE decoder", model.vae.decoder, pipe.vae.decoder)
+    pipe.scheduler.set_timesteps(steps)
+    assert [int(t) for t in pipe.scheduler.timesteps] == list(model.scheduler.timesteps(steps)), "timesteps differ"
+    print(f"  sampling: mini_sd UNet {model.sampling_unet().conv_in.weight.dtype} (inference copy), VAE "
+          f"{model.vae.decoder.conv_in.weight.dtype}; diffusers StableDiffusionPipeline UNet {pipe.unet.dtype}, VAE "
+          f"{pipe.vae.dtype}; text: {cfg.text_encoder} on both sides; warm-up {warmup}, rounds {rounds}", flush=True)
+    for batch in batches:
+        prompts = coco_captions(batch, seed)
+        fns = sample_fns(model, pipe, model.text_encoder, prompts, steps, guidance, seed)
+        for name, fn in fns.items():  # one untimed call each: checks the output, and makes mini_sd's bf16 copy
+            images = fn()
+            assert len(images) == batch and images[0].size == (cfg.image_size, cfg.image_size), f"{name}: wrong output"
+        flops = {name: count_flops(fn) for name, fn in fns.items()}  # text encoder + steps x UNet + VAE decode
+        times = interleaved(fns, warmup, rounds)
+        res.add(preset, sample_label(steps, guidance), SAMPLE_DTYPE, batch, times, flops, batch)
+    del model, pipe
+
+
+def profile_sample(cfg, batch, steps, guidance, seed, rounds, rows=10, tries=10):
+    """One guided sampling step at `batch` prompts per side (UNet forward on 2B + guidance, then mini_sd's x0 / eps
+    split, the sampler's only tensor work besides a few element-wise ops; diffusers' scheduler.step), top `rows` ops
+    by self CPU time; then the end-to-end run split into its phases, medians of `rounds`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, pipe = mini_sampler(cfg, seed), diffusers_pipeline(cfg)
+    prompts, negative = coco_captions(batch, seed), [""] * batch
+    unet, sched = model.sampling_unet(), pipe.scheduler
+    context, mask = model.text_encoder(negative + prompts)
+    x = torch.randn(batch, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=torch.Generator().manual_seed(seed))
+    t = model.scheduler.timesteps(steps)[1]  # a second step: the one where DPM++(2M) uses its history in diffusers
+
+    @torch.no_grad()
+    def mini_step():  # DiffusionModel.sample's model_fn, then the sampler's x0 / eps split
+        xin = torch.cat([x, x])
+        out = unet(xin, torch.full((xin.shape[0],), t), context, mask).float()
+        uncond, cond = out.chunk(2)
+        return model.scheduler.split(uncond + guidance * (cond - uncond), x, t)
+
+    latents, embeds = x.to(pipe.unet.dtype), context.to(pipe.unet.dtype)
+
+    @torch.no_grad()
+    def diff_step():  # the body of StableDiffusionPipeline.__call__'s denoising loop
+        xin = sched.scale_model_input(torch.cat([latents] * 2), sched.timesteps[1])
+        out = pipe.unet(xin, sched.timesteps[1], encoder_hidden_states=embeds, return_dict=False)[0]
+        uncond, cond = out.chunk(2)
+        return sched.step(uncond + guidance * (cond - uncond), sched.timesteps[1], latents, return_dict=False)[0]
+
+    def diff_step_fresh():  # the scheduler keeps a step index and history: start every step from the same state
+        sched.set_timesteps(steps)
+        return diff_step()
+
+    for name, step in (("mini_sd (DiffusionModel.sample's bf16 UNet copy)", mini_step),
+                       ("diffusers (StableDiffusionPipeline, bf16)", diff_step_fresh)):
+        for _ in range(3):
+            step()  # warm-up
+        # a shared machine preempts some steps: profile one step `tries` times and keep the least disturbed profile
+        best = None
+        for _ in range(tries):
+            sched.set_timesteps(steps)  # outside the profile
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                diff_step() if step is diff_step_fresh else step()
+            table = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in table)
+            best = min(best, (total, table), key=lambda b: b[0]) if best else (total, table)
+        print(f"\n  profile: {name}, one guided sampling step, batch {batch} (UNet on {2 * batch}), top {rows} by self "
+              f"CPU time (the fastest of {tries} profiled steps)")
+        print(best[1].table(sort_by="self_cpu_time_total", row_limit=rows))
+
+    # the phases of one end-to-end call, timed apart, interleaved
+    lat32 = x.clone()
+    phases = {
+        "text encoding (same call)": {"mini": lambda: model.text_encoder(negative + prompts),
+                                      "diffusers": lambda: model.text_encoder(negative + prompts)},
+        "one guided step": {"mini": mini_step, "diffusers": diff_step_fresh},
+        "VAE decode + to PIL": {
+            "mini": lambda: mini_sd.to_pil(model.decode(lat32)),
+            "diffusers": lambda: pipe.image_processor.postprocess(
+                pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0], output_type="pil")},
+    }
+    phases["end to end"] = sample_fns(model, pipe, model.text_encoder, prompts, steps, guidance, seed)
+    with torch.no_grad():
+        med = {what: {k: statistics.median(v) for k, v in interleaved(fns, 1, rounds).items()} for what, fns in phases.items()}
+    est = {k: med["text encoding (same call)"][k] + steps * med["one guided step"][k] + med["VAE decode + to PIL"][k]
+           for k in ("mini", "diffusers")}
+    print(f"\n  end-to-end phases at batch {batch}, {steps} steps, medians of {rounds} interleaved rounds:")
+    print(f"    {'phase':<36} {'mini_sd ms':>11} {'diffusers ms':>13} {'diff/mini':>9}")
+    for what, m in list(med.items()) + [(f"text + {steps} x step + decode", est)]:
+        print(f"    {what:<36} {1e3 * m['mini']:11.1f} {1e3 * m['diffusers']:13.1f} {m['diffusers'] / m['mini']:9.2f}")
+    del model, pipe
+
+
+# -----------------------------------------------------------------------------
+# Peak memory: each configuration in a fresh process (peak RSS is a process-wide high-water mark)
+
+MEMORY_PREFIX = "MEMORY-RESULT "
+
+
+def proc_status_mb(field):  # VmRSS (now) or VmHWM (peak) from /proc/self/status, in MiB; None off Linux
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb():
+    hwm = proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def memory_child(spec):
+    """Run one configuration in this (fresh) process and print its memory as one JSON line.
+    spec: side (mini | diffusers), what (train | sample), preset, batch, dtype (train), steps and guidance (sample)."""
+    import json
+
+    # both sides import the same libraries first, so that the baseline is the same: what differs is the work
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
+    import transformers  # noqa: F401
+
+    imports = proc_status_mb("VmRSS") or peak_rss_mb()
+    cfg, side, seed = mini_sd.Config.preset(spec["preset"]), spec["side"], spec["seed"]
+    if spec["what"] == "train":  # bench_train's step: forward (autocast or fp32), fp32 MSE, backward, fused AdamW
+        torch.manual_seed(seed)
+        unet = mini_sd.UNet(cfg, context_dim=CONTEXT_DIM) if side == "mini" else diffusers_unet(cfg)
+        call = call_mini if side == "mini" else call_diff
+        x, t, noise, context, mask = make_inputs(cfg, spec["batch"], torch.Generator().manual_seed(seed))
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-2, fused=True)
+        unet.train()
+
+        def work():
+            opt.zero_grad(set_to_none=True)
+            with autocast(spec["dtype"]):
+                out = call(unet, x, t, context, mask)
+            F.mse_loss(out.float(), noise).backward()
+            opt.step()
+
+        calls = 3  # the first allocates gradients and AdamW's state
+    else:
+        if side == "mini":
+            model, pipe = mini_sampler(cfg, seed), None
+            text_encoder = model.text_encoder
+        else:
+            model, pipe = None, diffusers_pipeline(cfg)
+            text_encoder = mini_sd.TextEncoder(cfg.text_encoder, cfg.max_text_length)
+        (work,) = sample_fns(model, pipe, text_encoder, coco_captions(spec["batch"], seed), spec["steps"],
+                             spec["guidance"], seed).values()
+        calls = 2  # the first makes mini_sd's bf16 UNet copy
+    built = proc_status_mb("VmRSS") or peak_rss_mb()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        work()
+    print(MEMORY_PREFIX + json.dumps(dict(spec, imports=imports, built=built, peak=peak_rss_mb(), calls=calls,
+                                          seconds=time.perf_counter() - t0)), flush=True)
+
+
+def bench_memory(args):
+    """Peak RSS per configuration and side, each in a fresh subprocess of this script. -> markdown table."""
+    import json
+    import subprocess
+
+    configs = [dict(what="train", preset=preset, dtype=dtype, batch=args.train_batch or PRESET_DEFAULTS[preset]["train_batch"])
+               for preset in args.memory_presets for dtype in args.memory_dtypes]
+    configs.append(dict(what="sample", preset="small", batch=args.memory_sample_batch, steps=args.steps or 25,
+                        guidance=args.guidance))
+    rows = []
+    for config in configs:
+        row = {}
+        for side in ("mini", "diffusers"):
+            spec = dict(config, side=side, seed=args.seed)
+            cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--memory-child", json.dumps(spec)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MEMORY_PREFIX)]
+            if proc.returncode or not lines:
+                raise RuntimeError(f"memory child {spec} failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            row[side] = json.loads(lines[-1][len(MEMORY_PREFIX):])
+        if config["what"] == "train":
+            label = f"{config['preset']} UNet train step (fwd+bwd+AdamW), {config['dtype']}"
+        else:
+            label = f"{config['preset']} {sample_label(config['steps'], config['guidance'])}, {SAMPLE_DTYPE}"
+        rows.append((label, config["batch"], row))
+        m, d = row["mini"], row["diffusers"]
+        print(f"  {label:<70} batch {config['batch']:>3}: peak RSS mini_sd {m['peak']:7.0f} MiB  diffusers {d['peak']:7.0f} MiB"
+              f"  (imports {m['imports']:.0f} / {d['imports']:.0f}; {m['calls']} calls, {m['seconds']:.1f} / {d['seconds']:.1f} s)",
+              flush=True)
+    lines = [
+        "Peak resident memory (VmHWM), each configuration and side in a fresh process that first imports the same "
+        "libraries (torch, mini_sd, diffusers, transformers); 'above imports' = peak - RSS after those imports. "
+        "Training: 3 steps (the first allocates gradients and AdamW state); sampling: 2 end-to-end calls (models as "
+        "in the sample section: mini_sd's fp32 UNet + its bf16 copy + fp32 VAE + MiniLM; the bf16 pipeline + MiniLM).",
+        "",
+        "| configuration | batch | mini_sd peak MiB | diffusers peak MiB | diffusers / mini_sd | mini_sd above imports MiB "
+        "| diffusers above imports MiB | RSS after imports MiB (mini_sd / diffusers) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, batch, row in rows:
+        m, d = row["mini"], row["diffusers"]
+        lines.append(f"| {label} | {batch} | {m['peak']:.0f} | {d['peak']:.0f} | {d['peak'] / m['peak']:.2f} | "
+                     f"{m['peak'] - m['imports']:.0f} | {d['peak'] - d['imports']:.0f} | {m['imports']:.0f} / {d['imports']:.0f} |")
+    return "\n".join(lines)
 
 
 def bench_vae(res, preset, cfg, vaes, batch, warmup, rounds, gen):
@@ -617,13 +910,18 @@ def main():
                    help="smoke run: small preset only unless --presets is given, one warm-up, two rounds (one for "
                         "sampling), base sampling in 10 steps")
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--sections", nargs="+", default=["train", "sample", "vae"], choices=["train", "sample", "vae", "cache", "text"],
-                   help="train, sample, vae: per preset, against diffusers; cache: UNet-stage images/s through "
-                        "DiffusionModel.train with and without the latent cache; text: caption encoding per step, one "
-                        "forward per caption vs one batched forward (these two ignore --presets)")
+    p.add_argument("--sections", nargs="*", default=["train", "sample", "vae"],
+                   choices=["train", "sample", "vae", "memory", "cache", "text"],
+                   help="train, sample, vae: per preset, against diffusers (sample: end to end, DiffusionModel.sample "
+                        "against a bf16 StableDiffusionPipeline); memory: peak RSS per configuration and side, each in a "
+                        "fresh process (--memory-presets); cache: UNet-stage images/s through DiffusionModel.train with "
+                        "and without the latent cache; text: caption encoding per step, one forward per caption vs one "
+                        "batched forward (memory, cache and text ignore --presets); none: `--sections --profile-sample` "
+                        "runs the profile alone")
     p.add_argument("--train-batch", type=int, default=None, help="training batch (default: small 16, base 4)")
     p.add_argument("--train-dtypes", nargs="+", default=["fp32", "bf16-autocast"], choices=["fp32", "bf16-autocast"])
-    p.add_argument("--sample-batch", type=int, default=4, help="prompts per sampling run (the UNet sees twice that)")
+    p.add_argument("--sample-batches", type=int, nargs="+", default=None,
+                   help="prompts per sampling run (the UNet sees twice that); default: small 4 16, base 4")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 25; 10 for base with --quick)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--vae-batch", type=int, default=4)
@@ -632,6 +930,16 @@ def main():
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd UNet training steps")
     p.add_argument("--compile-dtypes", nargs="+", default=["bf16-autocast"], choices=["fp32", "bf16-autocast"])
     p.add_argument("--profile", action="store_true", help="print a profiler table of one bf16 training step per side")
+    p.add_argument("--profile-sample", action="store_true",
+                   help="print a profiler table (top 10 ops by self CPU time) of one guided sampling step per side, "
+                        "and the end-to-end sampling run split into text encoding, steps and decode")
+    p.add_argument("--profile-batch", type=int, default=4, help="--profile-sample: prompts (the UNet sees twice that)")
+    p.add_argument("--memory-presets", nargs="+", default=["small", "base"], choices=sorted(mini_sd.PRESETS),
+                   help="memory section: presets whose UNet training step is measured (sampling: small)")
+    p.add_argument("--memory-dtypes", nargs="+", default=["bf16-autocast"], choices=["fp32", "bf16-autocast"],
+                   help="memory section: training-step dtypes")
+    p.add_argument("--memory-sample-batch", type=int, default=16, help="memory section: prompts per sampling run")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal: one memory configuration, JSON
     p.add_argument("--cache-setups", nargs="+", default=list(CACHE_SETUPS), choices=list(CACHE_SETUPS),
                    help="cache section: small preset at 32 / 64 px, and a factor-8 VAE at 64 px")
     p.add_argument("--cache-steps", type=int, default=20, help="cache section: UNet steps per timed train() call")
@@ -647,6 +955,14 @@ def main():
     args.presets = args.presets or (["small"] if args.quick else ["small", "base"])
 
     torch.set_num_threads(args.threads)
+    if args.memory_child:  # a fresh process of bench_memory's: measure one configuration, print it, nothing else
+        import json
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        memory_child(json.loads(args.memory_child))
+        return
     import diffusers
     from transformers.utils import logging as hf_logging
 
@@ -672,7 +988,11 @@ def main():
         extra.append(bench_text(args, args.warmup if args.warmup is not None else 1,
                                 args.rounds if args.rounds is not None else 2 if args.quick else 5))
         print(flush=True)
-    per_preset = set(args.sections) & {"train", "sample", "vae"} or args.compile or args.profile
+    if "memory" in args.sections:
+        print("== peak memory (RSS), each configuration and side in a fresh process", flush=True)
+        extra.append(bench_memory(args))
+        print(flush=True)
+    per_preset = set(args.sections) & {"train", "sample", "vae"} or args.compile or args.profile or args.profile_sample
     for preset in args.presets if per_preset else []:
         cfg = mini_sd.Config.preset(preset)
         d = PRESET_DEFAULTS.get(preset, PRESET_DEFAULTS["small"])
@@ -681,6 +1001,7 @@ def main():
         sample_rounds = args.rounds if args.rounds is not None else 1 if args.quick else d["sample_rounds"]
         steps = args.steps or (10 if args.quick and preset == "base" else 25)
         train_batch = args.train_batch or d["train_batch"]
+        sample_batches = args.sample_batches or d["sample_batches"]
         print(f"== {preset}: UNet {cfg.block_out_channels} x{cfg.layers_per_block} attn {cfg.attention_levels} heads "
               f"{cfg.num_heads}, latents {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size}, text {cfg.max_text_length}x"
               f"{CONTEXT_DIM}; VAE {cfg.vae_channels} at {cfg.image_size}px; warm-up {warmup}, rounds {rounds}", flush=True)
@@ -688,6 +1009,7 @@ def main():
         torch.manual_seed(args.seed)
         unets = dict(zip(("mini", "diffusers"), build_unets(cfg)))
         check_params("UNet", unets["mini"], unets["diffusers"])
+        unets = unets if set(args.sections) & {"train"} or args.compile or args.profile else None
         if "vae" in args.sections:
             vaes = dict(zip(("mini", "diffusers"), build_vaes(cfg)))
             check_params("VAE", vaes["mini"], vaes["diffusers"])
@@ -697,7 +1019,7 @@ def main():
             bench_train(res, preset, cfg, unets, train_batch, warmup, rounds, args.train_dtypes, gen)
         if "sample" in args.sections:
             check_samplers(cfg, steps)
-            bench_sample(res, preset, cfg, unets, args.sample_batch, steps, args.guidance, warmup + 1, sample_rounds, gen)
+            bench_sample(res, preset, cfg, sample_batches, steps, args.guidance, warmup, sample_rounds, args.seed)
         if "vae" in args.sections:
             bench_vae(res, preset, cfg, vaes, args.vae_batch, warmup, rounds, gen)
             del vaes
@@ -709,6 +1031,8 @@ def main():
             torch._dynamo.reset()
         if args.profile:
             profile_train_step(cfg, unets, train_batch, gen)
+        if args.profile_sample:
+            profile_sample(cfg, args.profile_batch, steps, args.guidance, args.seed, max(sample_rounds, 3))
         del unets
         print(flush=True)
 
@@ -716,7 +1040,7 @@ def main():
               f"matmul peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s (2048^3, this run). "
               f"Medians of interleaved rounds; speed ratio = diffusers time / mini_sd time (> 1: mini_sd faster); "
               f"items = training samples or images.")
-    table = f"{header}\n\n{res.table()}" if res.rows else ""
+    table = f"{header}\n\n{res.table()}{res.targets()}" if res.rows else ""
     table = "\n\n".join([table] * bool(table) + extra)
     print(f"{table}\n\n(total {time.perf_counter() - t_start:.0f} s)")
     if args.out:
