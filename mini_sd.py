@@ -742,37 +742,62 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = {"top left": (0.27, 0.27), "top right": (0.73, 0.27), "center": (0.5, 0.5),
              "bottom left": (0.27, 0.73), "bottom right": (0.73, 0.73)}
 CAPTION_TEMPLATES = ("a {c} {s} in the {p}", "{c} {s}, {p}", "a {s} in the {p}, coloured {c}")
+# two-object scenes: the direction (dx, dy) from the second object to the first, and captions that name the pair both
+# ways round ({r2}, the converse relation, reads from the second object: the relation is relative, not absolute)
+RELATIONS = {"to the left of": (-1, 0), "to the right of": (1, 0), "above": (0, -1), "below": (0, 1)}
+PAIR_CAPTION_TEMPLATES = ("a {c} {s} {r} a {c2} {s2}", "{c} {s} {r} {c2} {s2}", "a {c2} {s2} {r2} a {c} {s}")
 
 
-def make_shapes_dataset(root, n=2000, image_size=64, seed=0, split="train2017"):
+def make_shapes_dataset(root, n=2000, image_size=64, seed=0, split="train2017", objects=1):
     """Write n captioned shape images in the COCO captions layout -> (image_dir, captions_file).
 
-    One coloured circle, square or triangle per image at one of five named positions, on a
+    objects=1: one coloured circle, square or triangle per image at one of five named positions, on a
     light background, with three captions each ("a red circle in the top left", ...).
+    objects=2: two shapes of different colours and kinds, side by side or one above the other, captioned
+    with their relation ("a red circle to the left of a blue square", ...: RELATIONS, PAIR_CAPTION_TEMPLATES).
     """
+    if objects not in (1, 2):
+        raise ValueError(f"objects must be 1 or 2, not {objects!r}")
     rng = random.Random(seed)
     image_dir, ann_dir = os.path.join(root, split), os.path.join(root, "annotations")
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(ann_dir, exist_ok=True)
     images, annotations, big = [], [], 4 * image_size  # draw at 4x and downsample: smooth edges
     for i in range(n):
-        colour, shape, pos = rng.choice(list(SHAPE_COLOURS)), rng.choice(SHAPES), rng.choice(list(POSITIONS))
-        cx, cy = (big * (v + rng.uniform(-0.04, 0.04)) for v in POSITIONS[pos])
-        r = big * rng.uniform(0.13, 0.18)
+        if objects == 1:  # (the random draws in today's order: the same seed gives the same images as before)
+            colour, shape, pos = rng.choice(list(SHAPE_COLOURS)), rng.choice(SHAPES), rng.choice(list(POSITIONS))
+            cx, cy = (big * (v + rng.uniform(-0.04, 0.04)) for v in POSITIONS[pos])
+            things = [(colour, shape, cx, cy, big * rng.uniform(0.13, 0.18))]
+            captions = [template.format(c=colour, s=shape, p=pos) for template in CAPTION_TEMPLATES]
+        else:
+            (c1, c2), (s1, s2), rel = rng.sample(list(SHAPE_COLOURS), 2), rng.sample(SHAPES, 2), rng.choice(list(RELATIONS))
+            dx, dy = RELATIONS[rel]
+            # centres 0.25 and 0.75 (+-0.04) along the relation's axis, in one band (+-0.04) across it; radii 0.12-0.15:
+            # >= 0.09 of the image between the shapes, and centres 0.42 apart along the axis but <= 0.08 across it,
+            # so the relation is unambiguous
+            band, things = rng.uniform(0.3, 0.7), []
+            for colour, shape, side in ((c1, s1, dx + dy), (c2, s2, -dx - dy)):
+                along, across = 0.5 + 0.25 * side + rng.uniform(-0.04, 0.04), band + rng.uniform(-0.04, 0.04)
+                x, y = (along, across) if dx else (across, along)
+                things.append((colour, shape, big * x, big * y, big * rng.uniform(0.12, 0.15)))
+            converse = next(k for k, v in RELATIONS.items() if v == (-dx, -dy))
+            captions = [t.format(c=c1, s=s1, r=rel, c2=c2, s2=s2, r2=converse) for t in PAIR_CAPTION_TEMPLATES]
         shade = rng.randint(225, 250)
         img = Image.new("RGB", (big, big), (shade, shade, shade - 5))
-        draw, fill = ImageDraw.Draw(img), SHAPE_COLOURS[colour]
-        if shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif shape == "square":
-            draw.rectangle([cx - 0.9 * r, cy - 0.9 * r, cx + 0.9 * r, cy + 0.9 * r], fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx - 1.1 * r, cy + 0.8 * r), (cx + 1.1 * r, cy + 0.8 * r)], fill=fill)
+        draw = ImageDraw.Draw(img)
+        for colour, shape, cx, cy, r in things:
+            fill = SHAPE_COLOURS[colour]
+            if shape == "circle":
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            elif shape == "square":
+                draw.rectangle([cx - 0.9 * r, cy - 0.9 * r, cx + 0.9 * r, cy + 0.9 * r], fill=fill)
+            else:
+                draw.polygon([(cx, cy - r), (cx - 1.1 * r, cy + 0.8 * r), (cx + 1.1 * r, cy + 0.8 * r)], fill=fill)
         name = f"{i + 1:012d}.jpg"
         img.resize((image_size, image_size), Image.LANCZOS).save(os.path.join(image_dir, name), quality=95, subsampling=0)
         images.append({"id": i + 1, "file_name": name, "height": image_size, "width": image_size})
-        for k, template in enumerate(CAPTION_TEMPLATES):
-            annotations.append({"id": 3 * i + k + 1, "image_id": i + 1, "caption": template.format(c=colour, s=shape, p=pos)})
+        for k, caption in enumerate(captions):
+            annotations.append({"id": len(captions) * i + k + 1, "image_id": i + 1, "caption": caption})
     captions_file = os.path.join(ann_dir, f"captions_{split}.json")
     with open(captions_file, "w") as f:
         json.dump({"info": {"description": "mini-sd synthetic shapes"}, "images": images, "annotations": annotations}, f)
@@ -869,7 +894,8 @@ def repeat(batches, start):  # endless batches from any re-iterable, skipping th
                 yield batch
             n += 1
         if empty:
-            raise ValueError("the data is empty: it yielded no batch")
+            raise ValueError("the data yielded no batch on a new pass: give a re-iterable (a list, a DataLoader), "
+                             "not a one-shot generator")
 
 
 def ignore_sigint(worker_id):  # Ctrl-C reaches loader processes too: only the main process acts on it
@@ -1025,6 +1051,10 @@ class Trainer:
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         self.step_count = state["step"]
+
+
+def format_time(seconds):  # for the progress lines: 00:12:34
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if math.isfinite(seconds) else "?"
 
 
 def lr_factor(step, steps, warmup):  # linear warmup to the peak, then a cosine from the peak to zero over the rest
@@ -1188,12 +1218,14 @@ class DiffusionModel(nn.Module):
                                 cfg_dropout=cfg_dropout, num_workers=num_workers, save_every=save_every, keep=keep,
                                 sample_every=sample_every, log_every=log_every).items():
             check_range(name, value, *TRAIN_LIMITS[name])
-        if isinstance(data, Dataset) and len(data) == 0:
+        if (len(data) == 0) if isinstance(data, Dataset) else (next(iter(data), None) is None):
             raise ValueError("the data is empty: no images")
         rank, world = rank_and_world()
         log = lambda msg: print(msg, flush=True) if rank == 0 else None
-        ckpt = resume if not isinstance(resume, bool) else (list_checkpoints(out)[-1:] or [None])[0] if resume and os.path.isdir(out) else None
-        state = None
+        run = dict(batch_size=batch_size, grad_accum=grad_accum, seed=seed)  # what must match when resuming
+        ckpt, state = None if isinstance(resume, bool) else resume, None
+        if resume is True and os.path.isdir(out) and list_checkpoints(out):
+            ckpt = list_checkpoints(out)[-1]
         if ckpt is not None:
             state = self.load_checkpoint(ckpt)
             log(f"resumed {ckpt} ({state['stage']} step {state['step']})")
@@ -1208,9 +1240,9 @@ class DiffusionModel(nn.Module):
             self.compile()
         trainer = Trainer(self, stage, steps, lr, warmup, ema=ema, cfg_dropout=cfg_dropout, autocast=autocast)
         if state is not None:
-            for k in ("batch_size", "grad_accum", "seed"):
-                if state[k] != locals()[k]:
-                    raise ValueError(f"{ckpt} was trained with {k}={state[k]}, this run has {k}={locals()[k]}")
+            for k, v in run.items():
+                if state[k] != v:
+                    raise ValueError(f"{ckpt} was trained with {k}={state[k]}, this run has {k}={v}")
             trainer.load_state_dict(state["trainer"])
             if len(state["rng"]) == world:
                 set_rng_state(state["rng"][rank])
@@ -1221,10 +1253,10 @@ class DiffusionModel(nn.Module):
             return self
 
         # the data as endless batches from position `start` on
+        if stage == "unet" and not self.vae.scaling_factor:
+            warnings.warn("the VAE's latent scale was never measured: measuring it now (was the VAE trained?)")
+            self.calibrate(data, out)
         if stage == "unet" and isinstance(data, Dataset):  # latents encoded once; captions drawn by the torch RNG
-            if not self.vae.scaling_factor:
-                warnings.warn("the VAE's latent scale was never measured: measuring it now (was the VAE trained?)")
-                self.calibrate(data, out)
             latents, captions = self.latent_cache(data, out, num_workers)
             self.text_encoder.remember([c for caps in captions for c in caps])
             scale, order = self.vae.scaling_factor.item(), batch_order(len(latents), batch_size, seed + 1, rank, world, start * grad_accum)
@@ -1236,13 +1268,7 @@ class DiffusionModel(nn.Module):
             batches = iter(DataLoader(data, batch_sampler=order, num_workers=num_workers, worker_init_fn=ignore_sigint,
                                       generator=torch.Generator()))
         else:
-            if stage == "unet" and not self.vae.scaling_factor:
-                warnings.warn("the VAE's latent scale was never measured: measuring it now (was the VAE trained?)")
-                self.calibrate(data)
-            first = next(iter(data), None)
-            if first is None:
-                raise ValueError("the data is empty: it yielded no batch")
-            prompts = prompts or list(dict.fromkeys(first[1]))[:8]
+            prompts = prompts or list(dict.fromkeys(next(iter(data))[1]))[:8]
             batches = repeat(data, start * grad_accum)
 
         rows, csv_file = [], None  # loss.csv keeps the rows before this run's start: a resumed run continues it exactly
@@ -1289,7 +1315,7 @@ class DiffusionModel(nn.Module):
                         log(f"latent scaling_factor {self.calibrate(data, out):.4f}")
                     saved = None
                     if out is not None and (step % save_every == 0 or step == steps or halt):
-                        saved = self.save_checkpoint(out, stage, trainer, keep, dict(batch_size=batch_size, grad_accum=grad_accum, seed=seed))
+                        saved = self.save_checkpoint(out, stage, trainer, keep, run)
                         log(f"saved {saved}")
                     if out is not None and rank == 0 and stage == "unet" and (step % sample_every == 0 or step in (first_grid, steps)):
                         grid = make_grid(self.sample(prompts, seed=seed), cols=4, captions=prompts)
@@ -1434,10 +1460,6 @@ class DiffusionModel(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return self
-
-
-def format_time(seconds):
-    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if math.isfinite(seconds) else "?"
 
 
 def count_parameters(module):

