@@ -457,9 +457,8 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, captions):  # distinct captions -> embeddings (B, S, D) fp32, mask (B, S) bool, in one forward
         device = next(self.model.parameters()).device
-        tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
-                                return_overflowing_tokens=False, return_length=True)
-        if not self.warned and max(len(self.tokenizer(c)["input_ids"]) for c in captions) > self.max_length:
+        tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True)
+        if not self.warned and max(map(len, self.tokenizer(captions)["input_ids"])) > self.max_length:
             warnings.warn(f"a prompt is longer than the text encoder's limit of {self.max_length} tokens "
                           "(Config.max_text_length) and is cut there")
             self.warned = True
@@ -473,14 +472,12 @@ class TextEncoder(nn.Module):
         """Encode a training set's distinct captions once, in a fixed order and fixed chunks: each embedding is then
         the same bits in every run and after every resume, and no step pays for the text encoder. Only where it fits
         (about 256 MB): COCO's 590k captions are encoded per step instead, a step's captions in one forward."""
-        distinct = sorted(set(captions))
+        distinct, self.table = sorted(set(captions)), {}
         if len(distinct) * self.max_length * self.hidden_size * 4 > 2**28:
-            self.table = {}
             return
         for i in range(0, len(distinct), chunk):
-            part = [c for c in distinct[i : i + chunk] if c not in self.table]
-            if part:
-                self.table.update(zip(part, zip(*self.encode(part))))
+            part = distinct[i : i + chunk]
+            self.table.update(zip(part, zip(*self.encode(part))))
 
     def forward(self, captions):  # list of B strings -> embeddings (B, S, D) fp32, mask (B, S) bool
         new = [c for c in dict.fromkeys(captions) if c not in self.table]
@@ -1228,9 +1225,10 @@ class DiffusionModel(nn.Module):
             ckpt = list_checkpoints(out)[-1]
         if ckpt is not None:
             state = self.load_checkpoint(ckpt)
-            log(f"resumed {ckpt} ({state['stage']} step {state['step']})")
             if state["stage"] == "unet" and stage == "vae":
-                return self  # this stage is done
+                return self  # this stage is done: the weights are loaded
+            if state["stage"] == stage:
+                log(f"resumed {ckpt} ({stage} step {state['step']})")
             state = state if state["stage"] == stage else None
         if steps == 0:
             return self
