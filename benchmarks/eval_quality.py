@@ -733,15 +733,26 @@ def rescale_table(res):
     return "\n".join(L)
 
 
+def reconstruction_grid(real, recon, samples_dir):  # real images on the odd rows, their reconstructions below them
+    os.makedirs(samples_dir, exist_ok=True)
+    k, path = min(16, len(recon)), os.path.join(samples_dir, "vae-reconstruction.png")
+    mini_sd.make_grid([im for i in range(0, k, 8) for im in real[i : min(i + 8, k)] + recon[i : min(i + 8, k)]],
+                      cols=min(8, k)).save(path)
+    return path
+
+
+def model_line(s):  # the report's line on where the model came from
+    if s.get("train_images") is None:
+        return f"Model: `{s['model']}` (given with --model, not trained here)."
+    return (f"Model: `{s['model']}`" + (f", trained here in {s['train_seconds']:.0f}s" if s.get("train_seconds") else "")
+            + f" (VAE steps: {s['vae_steps']}, UNet steps: {s['unet_steps']}; {s['train_images']} training images).")
+
+
 def markdown(R):
     L = []
     s = R["setup"]
     L.append(f"## mini-sd quality evaluation ({s['preset']} preset, {s['image_size']} px)\n")
-    if s.get("train_images") is not None:
-        L.append(f"Model: `{s['model']}`" + (f", trained here in {s['train_seconds']:.0f}s" if s.get("train_seconds") else "")
-                 + f" (VAE steps: {s['vae_steps']}, UNet steps: {s['unet_steps']}; {s['train_images']} training images).")
-    else:
-        L.append(f"Model: `{s['model']}` (given with --model, not trained here).")
+    L.append(model_line(s))
     L.append(f"Held-out combinations ({len(s['heldout'])}, never in training): "
              + ", ".join(f"{c} {sh} / {p}" for c, sh, p in s["heldout"]) + ".")
     L.append(f"Seen prompts: {len(s['seen'])} combinations from training. {s['images_per_prompt']} images per prompt "
@@ -795,11 +806,7 @@ def markdown(R):
 def markdown_pairs(R):
     L, s = [], R["setup"]
     L.append(f"## mini-sd two-object evaluation ({s['preset']} preset, {s['image_size']} px)\n")
-    if s.get("train_images") is not None:
-        L.append(f"Model: `{s['model']}`" + (f", trained here in {s['train_seconds']:.0f}s" if s.get("train_seconds") else "")
-                 + f" (VAE steps: {s['vae_steps']}, UNet steps: {s['unet_steps']}; {s['train_images']} training images).")
-    else:
-        L.append(f"Model: `{s['model']}` (given with --model, not trained here).")
+    L.append(model_line(s))
     L.append(f"Held-out facts ({len(s['heldout'])}, no training image has an object of that colour and shape in that "
              "relation to the other): " + ", ".join(f"{c} {sh} {r} ..." for c, sh, r in s["heldout"]) + ".")
     L.append(f"Prompts: {len(s['heldout_prompts'])} held-out, {len(s['seen_prompts'])} seen; {s['images_per_prompt']} "
@@ -995,11 +1002,7 @@ def main_pairs(args, model, model_dir, preset, train_seconds, train_images, held
     vae = {"n": len(psnr), "psnr": sum(psnr) / len(psnr),
            "scorer": accuracy(score_set(recon, val_labels, record_pair), PAIR_ATTRS)}
     samples_dir = os.path.join(args.out, "samples")
-    os.makedirs(samples_dir, exist_ok=True)
-    k = min(16, len(recon))  # real images on the odd rows, their reconstructions below them
-    vae["grid"] = os.path.join(samples_dir, "vae-reconstruction.png")
-    mini_sd.make_grid([im for i in range(0, k, 8) for im in val_images[i : min(i + 8, k)] + recon[i : min(i + 8, k)]],
-                      cols=min(8, k)).save(vae["grid"])
+    vae["grid"] = reconstruction_grid(val_images, recon, samples_dir)
     timings["VAE PSNR"] = time.time() - t0
     log(f"VAE reconstruction PSNR {vae['psnr']:.2f} dB; scorer on reconstructions all correct "
         f"{fmt(vae['scorer']['all'])}% [{timings['VAE PSNR']:.1f}s]")
@@ -1041,17 +1044,22 @@ def main_pairs(args, model, model_dir, preset, train_seconds, train_images, held
          "scorer_real": scorer_real, "vae": vae, "configs": configs,
          "per_heldout": {k: f"{a}/{n}" for k, (a, n) in per_heldout.items()}, "targets": targets,
          "timings": {k: round(v, 1) for k, v in timings.items()}}
+    return report(args, R, markdown_pairs, samples_dir)
+
+
+def report(args, R, to_markdown, samples_dir):
+    """Fill in the library's default steps, print the markdown report, write it and the JSON -> the exit code."""
     for key, stage in (("vae_steps", "vae"), ("unet_steps", "unet")):
         if R["setup"][key] is None:  # the library's per-preset default
             R["setup"][key] = mini_sd.TRAINING[args.preset][stage]["steps"]
-    md = markdown_pairs(R)
+    md = to_markdown(R)
     log("\n" + md)
     for path, write in ((args.out_md, lambda f: f.write(md)), (args.out_json, lambda f: json.dump(R, f, indent=1))):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             write(f)
     log(f"wrote {args.out_md} and {args.out_json}; sample grids in {samples_dir}/")
-    return 1 if args.strict and any(t["result"] == "FAIL" for t in targets) else 0
+    return 1 if args.strict and any(t["result"] == "FAIL" for t in R["targets"]) else 0
 
 
 def main(argv=None):
@@ -1121,11 +1129,7 @@ def main(argv=None):
            "scorer": {k: v for k, v in scorer_report(recon_recs).items() if k != "errors"}}
     timings["VAE PSNR"] = time.time() - t0
     samples_dir = os.path.join(args.out, "samples")
-    os.makedirs(samples_dir, exist_ok=True)
-    k = min(16, len(recon))  # real images on the odd rows, their reconstructions below them
-    vae["grid"] = os.path.join(samples_dir, "vae-reconstruction.png")
-    mini_sd.make_grid([im for i in range(0, k, 8) for im in val_images[i : min(i + 8, k)] + recon[i : min(i + 8, k)]],
-                      cols=min(8, k)).save(vae["grid"])
+    vae["grid"] = reconstruction_grid(val_images, recon, samples_dir)
     log(f"VAE reconstruction PSNR {vae['psnr']:.2f} dB (seen combos {fmt(vae['psnr_seen'], 2)}, held-out "
         f"{fmt(vae['psnr_heldout'], 2)}); scorer on reconstructions all three {fmt(vae['scorer']['all'])}% "
         f"[{timings['VAE PSNR']:.1f}s]")
@@ -1216,19 +1220,7 @@ def main(argv=None):
                    "device": str(model.device), "threads": torch.get_num_threads(), "quick": args.quick},
          "scorer_real": scorer_real, "vae": vae, "configs": configs, "rescale": rescale, "per_heldout": per_heldout, "fid": fid_res,
          "targets": targets, "timings": {k: round(v, 1) for k, v in timings.items()}}
-    for k, stage in (("vae_steps", "vae"), ("unet_steps", "unet")):
-        if R["setup"][k] is None:  # the library's per-preset default
-            R["setup"][k] = mini_sd.TRAINING[args.preset][stage]["steps"]
-    md = markdown(R)
-    log("\n" + md)
-    for path, write in ((args.out_md, lambda f: f.write(md)), (args.out_json, lambda f: json.dump(R, f, indent=1))):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            write(f)
-    log(f"wrote {args.out_md} and {args.out_json}; sample grids in {samples_dir}/")
-    if args.strict and any(t["result"] == "FAIL" for t in targets):
-        return 1
-    return 0
+    return report(args, R, markdown, samples_dir)
 
 
 if __name__ == "__main__":
