@@ -95,8 +95,6 @@ class Config:
     timestep_density: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (5.0 in the paper); 0 turns it off
-    offset_noise: float = 0.0  # per-channel constant added to the noise (0.1 is typical)
 
     def __post_init__(self):
         for name in ("vae_channels", "block_out_channels", "attention_levels"):
@@ -114,8 +112,6 @@ class Config:
                              "zero_terminal_snr=False and a beta_schedule other than cosine, or use v_prediction")
         if self.timestep_spacing == "leading" and (self.zero_terminal_snr or self.prediction_type == "flow"):
             raise ValueError("timestep_spacing='leading' never visits the pure-noise step; use 'trailing'")
-        if self.snr_gamma and self.prediction_type == "flow":
-            raise ValueError("snr_gamma weights epsilon and v_prediction losses; set it to 0 for flow")
 
     @property
     def latent_size(self):
@@ -155,11 +151,10 @@ def check_range(name, value, low=None, high=None, low_open=False, high_open=Fals
     """Raise ValueError naming the argument when value is outside its range."""
     if (low is None or (value > low if low_open else value >= low)) and (high is None or (value < high if high_open else value <= high)):
         return value
-    if high is None:
-        allowed = f"{'>' if low_open else '>='} {low}"
-    else:
-        allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    allowed = f"{'>' if low_open else '>='} {low}" if high is None else f"in {'(['[not low_open]}{low}, {high}{')]'[not high_open]}"
     raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
 # -----------------------------------------------------------------------------
 # Building blocks shared by the VAE and the UNet
 
@@ -549,13 +544,6 @@ class NoiseSchedule(nn.Module):
         a, s = self._at(t)
         return a * noise - s * x0  # v = alpha * eps - sigma * x0
 
-    def loss_weight(self, t):  # min-SNR-gamma (Hang et al. 2023), as a weight on the MSE of the prediction
-        if not self.cfg.snr_gamma:
-            return torch.ones_like(t, dtype=torch.float32)
-        snr = (self.alphas[t] / self.sigmas[t]) ** 2
-        w = snr.clamp(max=self.cfg.snr_gamma)
-        return w / snr if self.cfg.prediction_type == "epsilon" else w / (snr + 1)
-
     def split(self, out, x, t):  # model output at timestep t -> (x0, eps)
         a, s, kind = self.alpha[t], self.sigma[t], self.cfg.prediction_type
         if kind == "epsilon":
@@ -636,6 +624,9 @@ def load_safetensors(path):
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # safetensors raises its own SafetensorError for malformed files
         raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+
+
+# -----------------------------------------------------------------------------
 # Data: COCO captions, and a synthetic stand-in written in exactly the same layout
 
 
@@ -973,13 +964,10 @@ def plot_losses(rows, path, width=900, height=320):
         to_xy = lambda s, y: (x0 + (x1 - x0) * (s - steps[0]) / max(1, steps[-1] - steps[0]),
                               top + 30 + (height - 75) * (hi - y) / (hi - lo))
         draw.rectangle([x0, top + 30, x1, top + height - 45], outline="black")
-        draw.text((x0, top + 8), f"{stage} stage: training loss (log scale; grey raw, red running mean of 25)", fill="black")
-        draw.text((4, top + 30), f"{10 ** hi:.3g}", fill="black")
-        draw.text((4, top + height - 55), f"{10 ** lo:.3g}", fill="black")
-        draw.text((4, top + height / 2 - 10), "loss", fill="black")
-        draw.text((x0, top + height - 40), str(steps[0]), fill="black")
-        draw.text((x1 - 40, top + height - 40), str(steps[-1]), fill="black")
-        draw.text(((x0 + x1) / 2 - 30, top + height - 28), "optimiser step", fill="black")
+        for xy, text in (((x0, top + 8), f"{stage} stage: training loss (log scale; grey raw, red running mean of 25)"),
+                         ((4, top + 30), f"{10 ** hi:.3g}"), ((4, top + height - 55), f"{10 ** lo:.3g}"),
+                         ((x0, top + height - 40), f"step {steps[0]}"), ((x1 - 70, top + height - 40), f"step {steps[-1]}")):
+            draw.text(xy, text, fill="black")
         if len(steps) > 1:
             draw.line([to_xy(s, y) for s, y in zip(steps, ys)], fill=(190, 190, 190))
             draw.line([to_xy(s, y) for s, y in zip(steps, smooth)], fill=(200, 40, 40), width=2)
@@ -1058,6 +1046,8 @@ def lr_factor(step, steps, warmup):  # linear warmup to the peak, then a cosine 
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+
 # -----------------------------------------------------------------------------
 # DiffusionModel: the public face, and the one training loop
 
@@ -1179,13 +1169,9 @@ class DiffusionModel(nn.Module):
         """The diffusion training loss (fp32 scalar) for images (B, 3, H, W) in [-1, 1] or latents (B, 4, h, w)."""
         x0 = self.encode(images) if images.shape[-1] == self.config.image_size else images.to(self.device)
         context, mask = self.text_encoder(list(captions))
-        noise = torch.randn_like(x0)
-        if self.config.offset_noise:  # lets the model shift a whole channel: very dark or bright images
-            noise = noise + self.config.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=x0.device)
-        t = self.scheduler.sample_timesteps(x0.shape[0], x0.device)
+        noise, t = torch.randn_like(x0), self.scheduler.sample_timesteps(x0.shape[0], x0.device)
         out = self.unet(self.scheduler.add_noise(x0, noise, t), t, context, mask)
-        err = (out.float() - self.scheduler.target(x0, noise, t)).square().mean(dim=(1, 2, 3))
-        return (err * self.scheduler.loss_weight(t)).mean()
+        return (out.float() - self.scheduler.target(x0, noise, t)).square().mean()
 
     def train(self, data=True, *, stage="unet", steps=None, batch_size=None, lr=None, warmup=100, grad_accum=1,
               ema=0.999, cfg_dropout=0.1, autocast=True, compile=False, num_workers=0, seed=0, out=None, resume=False,
