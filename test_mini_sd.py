@@ -845,17 +845,19 @@ def test_sampling_runs_a_bf16_copy_made_once_and_leaves_the_fp32_weights(monkeyp
     randomise_output(model)
     weights = [p.clone() for p in model.unet.parameters()]
     fast = pixels(model.sample([CAPTION, "a blue square"], steps=4, seed=0))
-    copy = model.inference[1]
-    assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
+    copy = model.inference["unet"][1]
+    for part in (copy, model.inference["decoder"][1]):  # the UNet and the VAE decoder both run in bf16
+        assert all(p.dtype == torch.bfloat16 for p in part.parameters())
     assert all(p.dtype == torch.float32 and torch.equal(p, w) for p, w in zip(model.unet.parameters(), weights))
+    assert all(p.dtype == torch.float32 for p in model.vae.decoder.parameters())
     model.sample([CAPTION], steps=2, seed=0)
-    assert model.inference[1] is copy  # cast once, not per call or per step
+    assert model.inference["unet"][1] is copy  # cast once, not per call or per step
     with torch.no_grad():
         model.unet.conv_out.weight.mul_(1.5)  # any in-place change (an optimiser step, an EMA update) ...
     model.sample([CAPTION], steps=2, seed=0)
-    assert model.inference[1] is not copy  # ... gives a fresh copy
+    assert model.inference["unet"][1] is not copy  # ... gives a fresh copy
     with torch.no_grad():
         model.unet.conv_out.weight.div_(1.5)
     monkeypatch.setattr(mini_sd, "bf16_supported", lambda device: False)  # the fp32 path, for reference
     exact = pixels(model.sample([CAPTION, "a blue square"], steps=4, seed=0))
-    assert (fast - exact).abs().mean() < 2.0  # of 255: bf16 weights change a pixel by about a level
+    assert (fast - exact).abs().mean() < 2.0  # of 255: bf16 UNet and decoder change a pixel by about a level

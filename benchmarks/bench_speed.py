@@ -17,7 +17,7 @@ What is measured, per preset:
     optionally (--compile) the same step with torch.compile'd UNets.
   * Sampling, end to end and best against best (text to PIL images; batches 4 and 16 for small, 4 for base):
     mini_sd's DiffusionModel.sample(prompts, steps=25, sampler="dpm++", guidance_scale=5, seed=...) (MiniLM text
-    encoding, 25 guided steps of its bf16 inference UNet copy, fp32 VAE decode) against diffusers'
+    encoding, 25 guided steps of its bf16 inference UNet copy, bf16 VAE decoder copy) against diffusers'
     StableDiffusionPipeline around the same-size UNet and VAE cast to bf16 as from_pretrained(torch_dtype=bf16)
     loads them, DPMSolverMultistepScheduler with the same timesteps, batched CFG, decode with the peer VAE, fed
     prompt_embeds from the same mini_sd.TextEncoder call inside the timing (details above bench_sample). The
@@ -388,7 +388,7 @@ def make_step_eager(model, call, dtype, x, t, noise, context, mask):
 #
 # mini_sd: model.sample(prompts, steps=25, sampler="dpm++", guidance_scale=5, seed=...) exactly as a user calls it:
 #   text encoding (negative + prompts, one forward), 25 guided steps of its bf16 inference copy of the UNet
-#   (model.sampling_unet(), made once and reused), the VAE decode (fp32: mini_sd decodes in fp32 by design) and the
+#   (model.inference_copy("unet"), made once and reused), the VAE decode (its bf16 decoder copy, model.inference_copy("decoder")) and the
 #   conversion to PIL images.
 # diffusers: a real StableDiffusionPipeline (not a hand-written loop) around the peer UNet2DConditionModel and
 #   AutoencoderKL, cast to bf16 as from_pretrained(..., torch_dtype=torch.bfloat16) loads it (UNet and VAE in bf16;
@@ -398,7 +398,7 @@ def make_step_eager(model, call, dtype, x, t, noise, context, mask):
 #   mini_sd.TextEncoder call that sample() makes (text_encoder(negative + prompts)) and hands the halves to the
 #   pipeline as prompt_embeds / negative_prompt_embeds. So the text encoding is identical on both sides and inside
 #   both timings. Differences that are the libraries' own: the pipeline passes no attention mask to its UNet (SD
-#   pipelines never do), mini_sd masks the padding tokens; the pipeline's VAE decodes in bf16, mini_sd's in fp32.
+#   pipelines never do), mini_sd masks the padding tokens; both decode in bf16.
 
 
 def wake_outputs(module, gen, std=0.02):
@@ -465,7 +465,7 @@ def sample_label(steps, guidance):
     return f"sample {steps} steps DPM++(2M), CFG {guidance:g}, end to end"
 
 
-SAMPLE_DTYPE = "bf16 (mini_sd VAE fp32)"
+SAMPLE_DTYPE = "bf16"
 SAMPLE_TARGETS = {4: 1.5, 16: 1.3}  # the issue's targets for the small preset: batch -> speed ratio
 
 
@@ -476,8 +476,8 @@ def bench_sample(res, preset, cfg, batches, steps, guidance, warmup, rounds, see
     check_params("VAE decoder", model.vae.decoder, pipe.vae.decoder)
     pipe.scheduler.set_timesteps(steps)
     assert [int(t) for t in pipe.scheduler.timesteps] == list(model.scheduler.timesteps(steps)), "timesteps differ"
-    print(f"  sampling: mini_sd UNet {model.sampling_unet().conv_in.weight.dtype} (inference copy), VAE "
-          f"{model.vae.decoder.conv_in.weight.dtype}; diffusers StableDiffusionPipeline UNet {pipe.unet.dtype}, VAE "
+    print(f"  sampling: mini_sd UNet {model.inference_copy('unet').conv_in.weight.dtype} (inference copy), VAE "
+          f"{model.inference_copy('decoder').conv_in.weight.dtype} (inference copy); diffusers StableDiffusionPipeline UNet {pipe.unet.dtype}, VAE "
           f"{pipe.vae.dtype}; text: {cfg.text_encoder} on both sides; warm-up {warmup}, rounds {rounds}", flush=True)
     for batch in batches:
         prompts = coco_captions(batch, seed)
@@ -499,7 +499,7 @@ def profile_sample(cfg, batch, steps, guidance, seed, rounds, rows=10, tries=10)
 
     model, pipe = mini_sampler(cfg, seed), diffusers_pipeline(cfg)
     prompts, negative = coco_captions(batch, seed), [""] * batch
-    unet, sched = model.sampling_unet(), pipe.scheduler
+    unet, sched = model.inference_copy("unet"), pipe.scheduler
     context, mask = model.text_encoder(negative + prompts)
     x = torch.randn(batch, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=torch.Generator().manual_seed(seed))
     t = model.scheduler.timesteps(steps)[1]  # a second step: the one where DPM++(2M) uses its history in diffusers
@@ -669,7 +669,7 @@ def bench_memory(args):
         "Peak resident memory (VmHWM), each configuration and side in a fresh process that first imports the same "
         "libraries (torch, mini_sd, diffusers, transformers); 'above imports' = peak - RSS after those imports. "
         "Training: 3 steps (the first allocates gradients and AdamW state); sampling: 2 end-to-end calls (models as "
-        "in the sample section: mini_sd's fp32 UNet + its bf16 copy + fp32 VAE + MiniLM; the bf16 pipeline + MiniLM).",
+        "in the sample section: mini_sd's fp32 UNet and VAE + their bf16 copies + MiniLM; the bf16 pipeline + MiniLM).",
         "",
         "| configuration | batch | mini_sd peak MiB | diffusers peak MiB | diffusers / mini_sd | mini_sd above imports MiB "
         "| diffusers above imports MiB | RSS after imports MiB (mini_sd / diffusers) |",

@@ -586,12 +586,13 @@ def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir, r
 
 
 @torch.no_grad()
-def vae_recon(model, tensors, batch_size=64):
-    """(N, 3, S, S) in [-1, 1] -> (per-image PSNR in dB on a [0, 1] scale, reconstructions as PIL images)."""
+def vae_recon(model, tensors, batch_size=64, decode=None):
+    """(N, 3, S, S) in [-1, 1] -> (per-image PSNR in dB on a [0, 1] scale, reconstructions as PIL images), decoded by
+    model.decode (what sampling uses) unless another decode is given."""
     psnr, recon = [], []
     for k in range(0, len(tensors), batch_size):
         x = tensors[k : k + batch_size].to(model.device)
-        y = model.decode(model.encode(x)).float()
+        y = (decode or model.decode)(model.encode(x)).float()
         mse = ((y - x) / 2).square().mean(dim=(1, 2, 3)).clamp(min=1e-10)
         psnr += (10 * torch.log10(1 / mse)).tolist()
         recon += mini_sd.to_pil(y.cpu())
