@@ -10,6 +10,7 @@ import textwrap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 import pickle
+import shutil
 import warnings
 
 import numpy as np
@@ -773,6 +774,20 @@ def test_compile_covers_the_ema_that_sample_runs():
     model.make_ema()
     model.compile(backend="aot_eager")
     assert model.ema_unet._compiled_call_impl is not None
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler on the CPU")
+def test_reduce_overhead_compile_samples_on_cpu_as_eager():
+    """compile(mode="reduce-overhead") asks for CUDA graphs: on a CPU inductor must still compile every copy that
+    sample() runs (the bf16 UNet and decoder) and give eager's images."""
+    model = tiny_model(seed=1)
+    randomise_output(model)
+    eager = pixels(model.sample([CAPTION], steps=3, seed=0))
+    model.inference = {}
+    model.compile(mode="reduce-overhead")
+    compiled = pixels(model.sample([CAPTION], steps=3, seed=0))
+    assert all(model.inference[part][1]._compiled_call_impl is not None for part in ("unet", "decoder"))
+    assert eager.std() > 50 and (compiled - eager).abs().mean() < 4.0  # of 255: fused bf16 kernels round differently
 
 
 def losses(out):
