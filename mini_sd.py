@@ -84,15 +84,17 @@ class Config:
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    # v-prediction on a zero-terminal-SNR schedule: with SD's betas a little of the image survives at the last
-    # step, the model learns to read the layout from it, and pure noise at sampling time has none (on the shapes:
-    # position right 73% -> 100% of the time). Epsilon cannot predict at SNR 0, hence v. "flow" is rectified
-    # flow as in SD3: x_t = (1 - t) x0 + t eps, the UNet predicts eps - x0, and the betas are not used.
-    prediction_type: str = "v_prediction"
+    # Rectified flow as in SD3 ("flow"): x_t = (1 - t) x0 + t eps, the UNet predicts eps - x0, the betas are not
+    # used, and the last step is pure noise. With logit-normal noise levels it had the lowest MNIST FID at every
+    # point of benchmarks/eval_fid.py's run, against v-prediction and uniform levels (benchmarks/results/eval-fid.md).
+    # DDPM objectives: "v_prediction" or "epsilon"; with SD's betas a little of the image survives at the last step
+    # and the model learns to read the layout from it (on the shapes: position right 73% of the time, 100% with
+    # zero_terminal_snr); epsilon cannot predict at SNR 0, hence v there.
+    prediction_type: str = "flow"
     timestep_spacing: str = "trailing"
-    zero_terminal_snr: bool = True  # rescale betas so the last step is pure noise
+    zero_terminal_snr: bool = True  # DDPM objectives: rescale betas so the last step is pure noise
     # where the training noise levels sit: uniform over the timesteps, or SD3's logit-normal (mean, std)
-    timestep_density: str = "uniform"
+    timestep_density: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
 
@@ -1023,7 +1025,9 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.step_count += 1
         if self.stage == "unet" and self.model.ema_unet is not None:
-            decay = min(self.ema, (1 + self.step_count) / (10 + self.step_count))  # warm-up: early EMA follows closely
+            # (1 + n) / (10 + n) is EDM2's power EMA with gamma ~ 8: an average whose width grows with the run
+            # (centred at 90% of the steps so far), so a short run's EMA is never stale; `ema` caps it from ~9/(1-ema) steps
+            decay = min(self.ema, (1 + self.step_count) / (10 + self.step_count))
             with torch.no_grad():
                 for e, p in zip(self.model.ema_unet.parameters(), self.model.unet.parameters()):
                     e.lerp_(p, 1 - decay)

@@ -163,9 +163,9 @@ def test_sd_schedule_alphas_cumprod():
     assert torch.all(a[1:] < a[:-1]) and torch.allclose(a + torch.tensor(s.sigma, dtype=torch.float64) ** 2, torch.ones(1000, dtype=torch.float64))
     lin = NoiseSchedule(Config(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, **SD))
     assert ac(lin)[999] == pytest.approx(4.036e-5, rel=1e-3)  # DDPM's schedule
-    cos = NoiseSchedule(Config(beta_schedule="cosine", zero_terminal_snr=False))
+    cos = NoiseSchedule(Config(beta_schedule="cosine", prediction_type="v_prediction", zero_terminal_snr=False))
     assert ac(cos)[0] > 0.9999 and ac(cos)[999] < 1e-4
-    zt = NoiseSchedule(Config())
+    zt = NoiseSchedule(Config(prediction_type="v_prediction"))
     assert ac(zt)[999] < 1e-7 and ac(zt)[0] == pytest.approx(a[0].item())
     flow = NoiseSchedule(Config(prediction_type="flow"))
     assert flow.sigma[0] == 0.001 and flow.sigma[999] == 1.0 and flow.alpha[999] == 0.0 and flow.alpha[499] == 0.5
@@ -185,7 +185,7 @@ def test_add_noise_is_inverted_by_the_true_target(prediction_type):
 
 def test_timestep_densities():
     torch.manual_seed(0)
-    uniform = NoiseSchedule(Config()).sample_timesteps(20000, "cpu")
+    uniform = NoiseSchedule(Config(timestep_density="uniform")).sample_timesteps(20000, "cpu")
     assert uniform.min() == 0 and uniform.max() == 999 and abs(uniform.float().mean().item() - 499.5) < 10
     ln = NoiseSchedule(Config(timestep_density="logit_normal", logit_mean=0.0, logit_std=1.0)).sample_timesteps(20000, "cpu")
     frac = (ln.float() + 0.5) / 1000
@@ -200,16 +200,16 @@ def test_timestep_densities():
 # DPMSolverMultistepScheduler on mini_sd's alphas_cumprod): 10 steps from seeded float64 noise,
 # (mean, mean of squares, x[0,0,0,0], x[0,2,3,5], x[1,1,4,2], x[1,3,7,7]) of the final sample.
 SAMPLER_REFERENCE = {
-    ('default', 'ddim0'): (-0.196786991438, 2.4952844288, -2.43193508604, -0.253069205268, 0.295723467137, 1.20069868944),
-    ('default', 'ddim1'): (-0.0224749251625, 1.92073459459, -0.0947923824542, -0.0800716031184, 1.01286291661, -0.35391296196),
-    ('default', 'ddpm'): (-0.0224749251524, 1.92073459461, -0.0947923823961, -0.0800716031747, 1.01286291659, -0.353912961993),
-    ('default', 'dpm++'): (-0.214272389072, 2.93688140167, -2.56704747864, -0.267672124987, 0.284323583341, 1.38767610476),
+    ('v-ztsnr', 'ddim0'): (-0.196786991438, 2.4952844288, -2.43193508604, -0.253069205268, 0.295723467137, 1.20069868944),
+    ('v-ztsnr', 'ddim1'): (-0.0224749251625, 1.92073459459, -0.0947923824542, -0.0800716031184, 1.01286291661, -0.35391296196),
+    ('v-ztsnr', 'ddpm'): (-0.0224749251524, 1.92073459461, -0.0947923823961, -0.0800716031747, 1.01286291659, -0.353912961993),
+    ('v-ztsnr', 'dpm++'): (-0.214272389072, 2.93688140167, -2.56704747864, -0.267672124987, 0.284323583341, 1.38767610476),
     ('sd', 'ddim0'): (-2.95973898734, 573.506579668, -16.3108131418, -1.4182737571, 2.35099853374, 32.1294825008),
     ('sd', 'ddim1'): (-4.63260857812, 2800.53726484, -34.0869188109, -2.59654339076, -3.9347253939, 59.5894989528),
     ('sd', 'ddpm'): (-4.63260857811, 2800.53726484, -34.0869188109, -2.59654339082, -3.93472539392, 59.5894989528),
     ('sd', 'dpm++'): (-3.28267681336, 849.292058001, -8.02440698388, 1.95077476256, -1.97116085868, 49.0811354066),
 }
-SAMPLER_SETTINGS = {"default": {}, "sd": dict(prediction_type="epsilon", zero_terminal_snr=False, timestep_spacing="leading")}
+SAMPLER_SETTINGS = {"v-ztsnr": dict(prediction_type="v_prediction"), "sd": dict(prediction_type="epsilon", zero_terminal_snr=False, timestep_spacing="leading")}
 SAMPLER_KINDS = {"ddim0": ("ddim", 0.0), "ddim1": ("ddim", 1.0), "ddpm": ("ddpm", 1.0), "dpm++": ("dpm++", 0.0)}
 
 
@@ -532,7 +532,7 @@ def test_negative_prompt_changes_the_output_and_bad_arguments_are_named(awake_mo
 
 
 def test_img2img_strength(dataset):
-    model = tiny_model()  # untrained: predicts zero (v), so img2img keeps what the start latent holds
+    model = tiny_model()  # untrained: predicts zero, so img2img keeps what the start latent holds
     image = dataset[0][0][None]
     recon = pixels(mini_sd.to_pil(model.decode(model.encode(image))))
     light = pixels(model.sample([CAPTION], steps=50, seed=0, init_image=image, strength=0.02))

@@ -244,7 +244,8 @@ def call_diff(unet, x, t, context, mask):
 
 def diffusers_scheduler(cfg, steps_offset=0):
     """steps_offset: 1 for a pipeline (it rewrites any other value, with a deprecation warning); it shifts only
-    "leading" timesteps, not the presets' "trailing" ones."""
+    "leading" timesteps, not the presets' "trailing" ones. For mini_sd's rectified flow the peer keeps a DDPM
+    v-prediction schedule on the same timesteps: the same UNet calls, and a scheduler step costs next to nothing."""
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler(
@@ -253,7 +254,7 @@ def diffusers_scheduler(cfg, steps_offset=0):
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
         beta_schedule=cfg.beta_schedule,
-        prediction_type=cfg.prediction_type,
+        prediction_type="v_prediction" if cfg.prediction_type == "flow" else cfg.prediction_type,
         algorithm_type="dpmsolver++",
         solver_order=2,
         timestep_spacing=cfg.timestep_spacing,
@@ -277,8 +278,8 @@ def diff_loop(scheduler, eps_fn, noise, steps):
 
 def check_samplers(cfg, steps):
     """Both sampler loops, driven by the same toy eps function in fp64, must land on the same latents."""
-    if cfg.beta_schedule != "scaled_linear" or cfg.timestep_spacing != "trailing":
-        return
+    if cfg.beta_schedule != "scaled_linear" or cfg.timestep_spacing != "trailing" or cfg.prediction_type == "flow":
+        return  # flow: test_mini_sd.py checks its solvers against the exact ODE solution instead
     noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     toy = lambda x, t: 0.5 * torch.tanh(x) + 1e-4 * float(t)  # noqa: E731
     a = mini_loop(cfg, toy, noise, steps)

@@ -59,12 +59,17 @@ BASE = dict(image_size=32, vae_channels=(32, 64, 64), block_out_channels=(64, 12
             attention_levels=(True, True, False), num_heads=4, max_text_length=16)
 # mini_sd recipes: Config overrides, and extra model.train kwargs for each stage. Add rows to compare more.
 RECIPES = {
-    "default": dict(config={}, vae={}, unet={}),  # mini_sd's defaults: v-prediction, zero terminal SNR, bf16, EMA 0.999
-    "epsilon": dict(config=dict(prediction_type="epsilon", zero_terminal_snr=False), vae={}, unet={}),  # SD 1.x's, as the peer
-    "v-logit": dict(config=dict(timestep_density="logit_normal"), vae={}, unet={}),  # v, ZTSNR, SD3's density
-    "flow": dict(config=dict(prediction_type="flow"), vae={}, unet={}),  # rectified flow, uniform t
+    "default": dict(config={}, vae={}, unet={}),  # mini_sd's defaults: the sd3 row, bf16, EMA 0.999
+    "epsilon": dict(config=dict(prediction_type="epsilon", zero_terminal_snr=False, timestep_density="uniform"),
+                    vae={}, unet={}),  # SD 1.x's, as the peer
+    "v": dict(config=dict(prediction_type="v_prediction", timestep_density="uniform"), vae={}, unet={}),  # zero terminal SNR
+    "v-logit": dict(config=dict(prediction_type="v_prediction", timestep_density="logit_normal"), vae={}, unet={}),
+    "flow": dict(config=dict(prediction_type="flow", timestep_density="uniform"), vae={}, unet={}),  # rectified flow, uniform t
     "sd3": dict(config=dict(prediction_type="flow", timestep_density="logit_normal"), vae={}, unet={}),  # SD3's density
-    "ema-0.9999": dict(config={}, vae={}, unet=dict(ema=0.9999)),  # diffusers EMAModel's decay
+    # EMA: min(ema, (1 + n) / (10 + n)) is a power EMA until n ~ 9 / (1 - ema): with 0.999 (the default) or 0.9999
+    # (diffusers EMAModel's) the cap never acts in a run of under ~9,000 steps; 0.99 caps it from step ~890
+    "ema-0.99": dict(config={}, vae={}, unet=dict(ema=0.99)),
+    "ema-0.9999": dict(config={}, vae={}, unet=dict(ema=0.9999)),
     "fp32": dict(config={}, vae=dict(autocast=False), unet=dict(autocast=False)),  # the peer's precision
 }
 
