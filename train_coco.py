@@ -11,6 +11,7 @@ trains the `small` preset on the synthetic shapes dataset (same layout), on any 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -100,20 +101,18 @@ def parse_args(argv):
 
 
 def make_config(args, have_coco):
-    fields = dict(mini_sd.PRESETS[args.preset or ("base" if have_coco else "small")])
-    fields["preset_name"] = args.preset or ("base" if have_coco else "small")
+    preset = args.preset or ("base" if have_coco else "small")
     try:
+        fields = dict(mini_sd.PRESETS[preset], preset_name=preset)
         if args.config:
             with open(args.config) as f:
                 fields.update(json.load(f))
-        for item in args.set:
-            key, sep, value = item.partition("=")
+        for key, sep, value in (item.partition("=") for item in args.set):
             if not sep:
-                raise ValueError(f"--set {item!r}: write FIELD=VALUE")
-            try:
-                fields[key] = json.loads(value)
-            except json.JSONDecodeError:
-                fields[key] = value  # plain text, e.g. a text encoder's name
+                raise ValueError(f"--set {key!r}: write FIELD=VALUE")
+            with contextlib.suppress(json.JSONDecodeError):  # else plain text, e.g. a text encoder's name
+                value = json.loads(value)
+            fields[key] = value
         known = {f.name for f in dataclasses.fields(mini_sd.Config)}
         if set(fields) - known:
             raise ValueError(f"unknown Config field(s) {sorted(set(fields) - known)}; the fields are {sorted(known)}")
@@ -130,7 +129,8 @@ def main(argv=None):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    rank = mini_sd.rank_and_world()[0]
+    rank, world = mini_sd.rank_and_world()
+    log = lambda msg: print(msg, flush=True) if rank == 0 else None
     coco_dir = args.coco_dir or "coco"
     image_dir, captions = os.path.join(coco_dir, args.split), os.path.join(coco_dir, "annotations", f"captions_{args.split}.json")
     have_coco = os.path.isdir(image_dir) and os.path.isfile(captions)
@@ -143,7 +143,7 @@ def main(argv=None):
     except OSError as e:
         fail(f"output folder {args.out} is not writable: {e.strerror}")
     if not have_coco:
-        print(f"no COCO at ./{coco_dir}: training on synthetic shapes in {args.shapes_dir}") if rank == 0 else None
+        log(f"no COCO at ./{coco_dir}: training on synthetic shapes in {args.shapes_dir}")
         image_dir, captions = os.path.join(args.shapes_dir, "train2017"), os.path.join(args.shapes_dir, "annotations", "captions_train2017.json")
         if rank == 0 and not os.path.isfile(captions):
             mini_sd.make_shapes_dataset(args.shapes_dir, n=args.shapes_n or SHAPES_N[cfg.preset_name], image_size=cfg.image_size, seed=args.seed)
@@ -157,11 +157,9 @@ def main(argv=None):
             json.dump({k: v for k, v in vars(args).items() if k != "resume"}, f, indent=1)
     torch.manual_seed(args.seed + rank)
     model = mini_sd.DiffusionModel(cfg)
-    device = model.device
-    precision = args.precision or ("bf16" if mini_sd.bf16_supported(device) else "fp32")
-    print(f"preset {cfg.preset_name} on {device} x{mini_sd.rank_and_world()[1]}, {precision}; {len(data)} images; "
-          f"VAE {mini_sd.count_parameters(model.vae) / 1e6:.1f}M, UNet {mini_sd.count_parameters(model.unet) / 1e6:.1f}M params"
-          ) if rank == 0 else None
+    precision = args.precision or ("bf16" if mini_sd.bf16_supported(model.device) else "fp32")
+    log(f"preset {cfg.preset_name} on {model.device} x{world}, {precision}; {len(data)} images; VAE "
+        f"{mini_sd.count_parameters(model.vae) / 1e6:.1f}M, UNet {mini_sd.count_parameters(model.unet) / 1e6:.1f}M params")
     common = dict(out=args.out, warmup=args.warmup, grad_accum=args.grad_accum, ema=args.ema, cfg_dropout=args.cfg_dropout,
                   autocast=precision == "bf16", compile=args.compile, num_workers=args.workers, seed=args.seed,
                   save_every=args.save_every, keep=args.keep, sample_every=args.sample_every, log_every=args.log_every)
@@ -178,9 +176,8 @@ def main(argv=None):
         sys.exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM: scripts can tell an interrupted run from a done one
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         fail(f"{e}" + ("; lower --lr or use --precision fp32, then --resume" if isinstance(e, FloatingPointError) else ""))
-    if rank == 0:
-        print(f"done: {args.out} (latest checkpoint), {args.out}/samples/ (grids), {args.out}/loss.csv and loss.png\n"
-              f"generate: python mini_sd.py --checkpoint {args.out} \"{data.items[0][1][0]}\" --seed 0 --out out.png")
+    log(f"done: {args.out} (latest checkpoint), {args.out}/samples/ (grids), {args.out}/loss.csv and loss.png\n"
+        f"generate: python mini_sd.py --checkpoint {args.out} \"{data.items[0][1][0]}\" --seed 0 --out out.png")
     if dist.is_initialized():
         dist.destroy_process_group()
 
