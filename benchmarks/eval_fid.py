@@ -59,7 +59,7 @@ BASE = dict(image_size=32, vae_channels=(32, 64, 64), block_out_channels=(64, 12
             attention_levels=(True, True, False), num_heads=4, max_text_length=16)
 # mini_sd recipes: Config overrides, and extra model.train kwargs for each stage. Add rows to compare more.
 RECIPES = {
-    "default": dict(config={}, vae={}, unet={}),  # mini_sd's defaults: the sd3 row, bf16, EMA 0.999
+    "default": dict(config={}, vae={}, unet={}),  # mini_sd's defaults: the v row, bf16, EMA 0.999
     "epsilon": dict(config=dict(prediction_type="epsilon", zero_terminal_snr=False, timestep_density="uniform"),
                     vae={}, unet={}),  # SD 1.x's, as the peer
     "v": dict(config=dict(prediction_type="v_prediction", timestep_density="uniform"), vae={}, unet={}),  # zero terminal SNR
