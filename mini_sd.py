@@ -153,7 +153,10 @@ def check_range(name, value, low=None, high=None, low_open=False, high_open=Fals
     """Raise ValueError naming the argument when value is outside its range."""
     if (low is None or (value > low if low_open else value >= low)) and (high is None or (value < high if high_open else value <= high)):
         return value
-    allowed = f"{'>' if low_open else '>='} {low}" if high is None else f"in {'(['[not low_open]}{low}, {high}{')]'[not high_open]}"
+    if high is None:
+        allowed = f"{'>' if low_open else '>='} {low}"
+    else:
+        allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
