@@ -458,7 +458,8 @@ class TextEncoder(nn.Module):
     def encode(self, captions):  # distinct captions -> embeddings (B, S, D) fp32, mask (B, S) bool, in one forward
         device = next(self.model.parameters()).device
         tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True)
-        if not self.warned and max(map(len, self.tokenizer(captions)["input_ids"])) > self.max_length:
+        filled = any(all(m) for m in tokens["attention_mask"])  # only a caption that fills every slot can have been cut
+        if filled and not self.warned and max(map(len, self.tokenizer(captions)["input_ids"])) > self.max_length:
             warnings.warn(f"a prompt is longer than the text encoder's limit of {self.max_length} tokens "
                           "(Config.max_text_length) and is cut there")
             self.warned = True
@@ -1105,7 +1106,8 @@ class DiffusionModel(nn.Module):
     @torch.no_grad()
     def decode(self, latents):
         """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], fp32, by the decoder that sample() uses."""
-        return self.inference_copy("decoder")(latents.to(self.device) / self.vae.scaling_factor).float().clamp(-1, 1)
+        with torch.autocast(self.device.type, enabled=False):  # the decoder's own dtype, whatever the caller's autocast
+            return self.inference_copy("decoder")(latents.to(self.device) / self.vae.scaling_factor).float().clamp(-1, 1)
 
     @torch.no_grad()
     def calibrate(self, data, out=None, max_images=512):
