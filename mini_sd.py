@@ -1106,8 +1106,10 @@ class DiffusionModel(nn.Module):
     @torch.no_grad()
     def decode(self, latents):
         """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], fp32, by the decoder that sample() uses."""
+        decoder, z = self.inference_copy("decoder"), latents.to(self.device) / self.vae.scaling_factor
         with torch.autocast(self.device.type, enabled=False):  # the decoder's own dtype, whatever the caller's autocast
-            return self.inference_copy("decoder")(latents.to(self.device) / self.vae.scaling_factor).float().clamp(-1, 1)
+            # 4 images at a time: full-resolution activations set sampling's peak memory; this bounds it for any batch
+            return torch.cat([decoder(part).float().clamp(-1, 1) for part in z.split(4)])
 
     @torch.no_grad()
     def calibrate(self, data, out=None, max_images=512):
@@ -1412,9 +1414,10 @@ class DiffusionModel(nn.Module):
             return module
         version = (id(module), [p._version for p in module.parameters()])
         if part not in self.inference or self.inference[part][0] != version:
-            copy = Decoder(self.config) if part == "decoder" else UNet(self.config, self.text_encoder.hidden_size)
-            copy.to(self.device, torch.bfloat16).load_state_dict(module.state_dict())
-            copy.requires_grad_(False).eval()
+            with torch.device("meta"):  # built without weights: no fp32 copy is made and thrown away (peak memory)
+                copy = Decoder(self.config) if part == "decoder" else UNet(self.config, self.text_encoder.hidden_size)
+            copy = copy.to(torch.bfloat16).to_empty(device=self.device).requires_grad_(False).eval()
+            copy.load_state_dict(module.state_dict())
             if self.compile_options is not None:
                 copy.compile(**self.compile_options)
             self.inference[part] = (version, copy)

@@ -866,6 +866,10 @@ def test_sampling_runs_a_bf16_copy_made_once_and_leaves_the_fp32_weights(monkeyp
         assert all(p.dtype == torch.bfloat16 for p in part.parameters())
     assert all(p.dtype == torch.float32 and torch.equal(p, w) for p, w in zip(model.unet.parameters(), weights))
     assert all(p.dtype == torch.float32 for p in model.vae.decoder.parameters())
+    z = torch.randn(6, 4, 8, 8)  # decoded 4 at a time: a chunk of 4 and one of 2, in order
+    with torch.no_grad():
+        exact_decode = model.vae.decode(z / model.vae.scaling_factor).clamp(-1, 1)
+    torch.testing.assert_close(model.decode(z), exact_decode, atol=0.05, rtol=0)
     model.sample([CAPTION], steps=2, seed=0)
     assert model.inference["unet"][1] is copy  # cast once, not per call or per step
     with torch.no_grad():
