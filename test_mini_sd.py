@@ -59,12 +59,28 @@ def test_component_shapes():
     assert mean.shape == logvar.shape == (2, 4, cfg.latent_size, cfg.latent_size) == (2, 4, 8, 8)
     assert model.vae.decode(mean).shape == (2, 3, 32, 32)
     context, mask = model.text_encoder([CAPTION, ""])
-    assert context.shape == (2, cfg.max_text_length, model.text_encoder.hidden_size) and context.dtype == torch.float32
-    assert mask.dtype == torch.bool and mask[0].sum() > mask[1].sum() == 2  # "" is just [CLS] [SEP]
+    tokens = len(model.text_encoder.tokenizer(CAPTION)["input_ids"])  # the longest caption's: padding past it is cut
+    assert context.shape == (2, tokens, model.text_encoder.hidden_size) and context.dtype == torch.float32
+    assert mask.dtype == torch.bool and mask[0].all() and mask[1].sum() == 2  # "" is just [CLS] [SEP]
     out = model.unet(mean, torch.tensor([0, 999]), context, mask)
     assert out.shape == mean.shape
     assert torch.all(out == 0)  # zero-initialised output conv
     assert model.unet.conv_out.weight.abs().sum() == 0
+
+
+def test_cutting_the_text_padding_leaves_the_unet_output_unchanged():
+    model = tiny_model()
+    torch.manual_seed(0)
+    for p in model.unet.parameters():  # wake the zero-initialised output layers, so that the text reaches the output
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.1)
+    captions = [CAPTION, "a blue square"]
+    full, cut = model.text_encoder.encode(captions), model.text_encoder(captions)  # max_length tokens vs the longest
+    assert full[0].shape[1] == model.config.max_text_length > cut[0].shape[1]
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    out = model.unet(x, t, *cut)
+    assert out.abs().mean() > 0.01
+    torch.testing.assert_close(out, model.unet(x, t, *full), atol=1e-5, rtol=1e-5)
 
 
 def test_presets_and_config_errors():
@@ -718,7 +734,8 @@ def test_captions_are_encoded_in_one_batched_forward_and_remembered_deterministi
     enc.remember(captions, chunk=4)
     assert calls[1:] == [4, 4, 2] and len(enc.table) == 10
     calls.clear()
-    assert torch.equal(enc(captions[:3])[0], torch.stack([enc.table[c][0] for c in captions[:3]])) and calls == []
+    emb, remembered = enc(captions[:3])[0], torch.stack([enc.table[c][0] for c in captions[:3]])  # (3, S), (3, max)
+    assert torch.equal(emb, remembered[:, : emb.shape[1]]) and calls == []
     with pytest.warns(UserWarning, match="longer than the text encoder's limit of 16 tokens"):
         enc(["a very long prompt " * 10])
 

@@ -49,8 +49,10 @@ with the same hyper-parameters; the same sampler with the same timesteps, checke
 dtypes (fp32, or fp32 weights under torch.autocast('cpu', bfloat16); sampling: each library's bf16 as its users get
 it), with the same thread count, and each side in its own default memory layout (NCHW, contiguous; neither is
 converted to channels_last). Outside the sampling section no text encoder is loaded: the context is a random
-(B, S, 384) tensor, S = cfg.max_text_length, with a boolean mask whose first tokens are True; mini_sd gets it as
-`mask`, diffusers as `encoder_attention_mask`.
+(B, S, 384) tensor, S = cfg.max_text_length, with a boolean mask whose first VALID_TOKENS are True; diffusers gets it
+as `encoder_attention_mask`, mini_sd as `mask` cut to those tokens, as its TextEncoder hands them to the UNet (the
+padding past a batch's longest caption is dropped; the outputs are the same, the cross-attention is cheaper).
+diffusers' pipelines and train_text_to_image.py always pad to max_length.
 
 Timing: the two sides alternate within one process, round by round (mini, diffusers, then diffusers, mini, ...), after
 warm-up iterations, and the median of each is reported. The machine may be shared and noisy, so read the ratio
@@ -230,8 +232,8 @@ def make_inputs(cfg, batch, gen):
     return x, t, noise, context, mask
 
 
-def call_mini(unet, x, t, context, mask):
-    return unet(x, t, context, mask)
+def call_mini(unet, x, t, context, mask):  # the tokens TextEncoder hands the UNet: up to the longest caption
+    return unet(x, t, context[:, :VALID_TOKENS], mask[:, :VALID_TOKENS])
 
 
 def call_diff(unet, x, t, context, mask):
@@ -396,9 +398,10 @@ def make_step_eager(model, call, dtype, x, t, noise, context, mask):
 #   the latents follow the embeddings' dtype, bf16), DPMSolverMultistepScheduler (DPM-Solver++(2M), the same
 #   timesteps, asserted), batched CFG, decode with the peer VAE, output_type="pil". The pipeline's text slots take
 #   CLIP only, so it gets no tokenizer or text encoder: each timed call first encodes the prompts with the same
-#   mini_sd.TextEncoder call that sample() makes (text_encoder(negative + prompts)) and hands the halves to the
-#   pipeline as prompt_embeds / negative_prompt_embeds. So the text encoding is identical on both sides and inside
-#   both timings. Differences that are the libraries' own: the pipeline passes no attention mask to its UNet (SD
+#   mini_sd.TextEncoder forward that sample() makes, padded to max_length as SD pipelines always pad
+#   (text_encoder.encode(negative + prompts)), and hands the halves to the pipeline as prompt_embeds /
+#   negative_prompt_embeds. So the text encoding is the same work on both sides and inside both timings; mini_sd's
+#   UNet then sees only the tokens up to the longest prompt. Differences that are the libraries' own: the pipeline passes no attention mask to its UNet (SD
 #   pipelines never do), mini_sd masks the padding tokens; both decode in bf16.
 
 
@@ -455,7 +458,7 @@ def sample_fns(model, pipe, text_encoder, prompts, steps, guidance, seed):
         return model.sample(prompts, steps=steps, sampler="dpm++", guidance_scale=guidance, seed=seed)
 
     def diffusers():
-        context, _ = text_encoder(negative + prompts)  # what DiffusionModel.sample does: [uncond; cond], one forward
+        context, _ = text_encoder.encode(negative + prompts)  # [uncond; cond] in one forward, padded to max_length
         return pipe(prompt_embeds=context[B:], negative_prompt_embeds=context[:B], num_inference_steps=steps,
                     guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), output_type="pil").images
 
@@ -512,7 +515,7 @@ def profile_sample(cfg, batch, steps, guidance, seed, rounds, rows=10, tries=10)
         uncond, cond = out.chunk(2)
         return model.scheduler.split(uncond + guidance * (cond - uncond), x, t)
 
-    latents, embeds = x.to(pipe.unet.dtype), context.to(pipe.unet.dtype)
+    latents, embeds = x.to(pipe.unet.dtype), model.text_encoder.encode(negative + prompts)[0].to(pipe.unet.dtype)
 
     @torch.no_grad()
     def diff_step():  # the body of StableDiffusionPipeline.__call__'s denoising loop
@@ -545,8 +548,8 @@ def profile_sample(cfg, batch, steps, guidance, seed, rounds, rows=10, tries=10)
     # the phases of one end-to-end call, timed apart, interleaved
     lat32 = x.clone()
     phases = {
-        "text encoding (same call)": {"mini": lambda: model.text_encoder(negative + prompts),
-                                      "diffusers": lambda: model.text_encoder(negative + prompts)},
+        "text encoding": {"mini": lambda: model.text_encoder(negative + prompts),
+                                      "diffusers": lambda: model.text_encoder.encode(negative + prompts)},
         "one guided step": {"mini": mini_step, "diffusers": diff_step_fresh},
         "VAE decode + to PIL": {
             "mini": lambda: mini_sd.to_pil(model.decode(lat32)),
@@ -556,7 +559,7 @@ def profile_sample(cfg, batch, steps, guidance, seed, rounds, rows=10, tries=10)
     phases["end to end"] = sample_fns(model, pipe, model.text_encoder, prompts, steps, guidance, seed)
     with torch.no_grad():
         med = {what: {k: statistics.median(v) for k, v in interleaved(fns, 1, rounds).items()} for what, fns in phases.items()}
-    est = {k: med["text encoding (same call)"][k] + steps * med["one guided step"][k] + med["VAE decode + to PIL"][k]
+    est = {k: med["text encoding"][k] + steps * med["one guided step"][k] + med["VAE decode + to PIL"][k]
            for k in ("mini", "diffusers")}
     print(f"\n  end-to-end phases at batch {batch}, {steps} steps, medians of {rounds} interleaved rounds:")
     print(f"    {'phase':<36} {'mini_sd ms':>11} {'diffusers ms':>13} {'diff/mini':>9}")
