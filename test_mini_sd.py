@@ -542,9 +542,26 @@ def test_negative_prompt_changes_the_output_and_bad_arguments_are_named(awake_mo
     for kwargs, message in ((dict(steps=0), "steps must be in 1..1000|steps must be >= 1"),
                             (dict(guidance_scale=-3), "guidance_scale must be >= 0, got -3"),
                             (dict(guidance_rescale=2), r"guidance_rescale must be in \[0, 1\], got 2"),
-                            (dict(strength=0), r"strength must be in \(0, 1\], got 0")):
+                            (dict(strength=0), r"strength must be in \(0, 1\], got 0"),
+                            (dict(guidance_interval=(0.8, 0.2)), r"guidance_interval must be \(low, high\)")):
         with pytest.raises(ValueError, match=message):
             awake_model.sample([CAPTION], **kwargs)
+
+
+def test_guidance_interval_guides_only_those_noise_levels(awake_model, monkeypatch):
+    prompts = [CAPTION, "a blue square"]
+    guided = pixels(awake_model.sample(prompts, steps=4, seed=0, guidance_scale=7.0))
+    assert torch.equal(pixels(awake_model.sample(prompts, steps=4, seed=0, guidance_scale=7.0, guidance_interval=(0, 1))), guided)
+    unguided = pixels(awake_model.sample(prompts, steps=4, seed=0, guidance_scale=1.0))
+    assert (guided - unguided).abs().mean() > 1
+    # an interval that holds none of the timesteps (999, 749, 499, 249) is sampling without guidance
+    outside = pixels(awake_model.sample(prompts, steps=4, seed=0, guidance_scale=7.0, guidance_interval=(0.1, 0.2)))
+    assert torch.equal(outside, unguided)
+    unet, batches = awake_model.inference_copy("unet"), []
+    monkeypatch.setattr(unet, "forward", lambda x, *a, real=unet.forward: batches.append(len(x)) or real(x, *a))
+    partial = pixels(awake_model.sample(prompts, steps=4, seed=0, guidance_scale=7.0, guidance_interval=(0.3, 0.8)))
+    assert batches == [2, 4, 4, 2]  # both halves only at t = 749 and 499
+    assert (partial - guided).abs().mean() > 0.1 and (partial - unguided).abs().mean() > 0.1
 
 
 def test_img2img_strength(dataset):

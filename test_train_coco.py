@@ -72,7 +72,8 @@ def test_generation_cli(full_run, tmp_path):
     assert Image.open(tmp_path / "a.png").size == (64, 32)  # two prompts side by side
     gen[3] = str(tmp / "out" / "ckpt-unet-0000024")  # any checkpoint folder works
     p = subprocess.run(gen + ["a red circle", "--seed", "0", "--init-image", str(tmp_path / "a.png"), "--strength", "0.5",
-                              "--guidance-rescale", "0.7", "--out", str(tmp_path / "b.png")], env=ENV, capture_output=True, text=True)
+                              "--guidance-rescale", "0.7", "--guidance-interval", "0.2", "0.8", "--out", str(tmp_path / "b.png")],
+                       env=ENV, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     assert Image.open(tmp_path / "b.png").size == (32, 32)
 
@@ -219,6 +220,7 @@ def test_numbers_are_checked_before_anything_loads(tmp_path, flags, message):
     (["--num-images", "0"], "--num-images must be >= 1, got 0"),
     (["--strength", "1.5", "--init-image", __file__], "--strength must be in (0, 1], got 1.5"),
     (["--out", "nodir/x.png"], "--out nodir/x.png: the folder"),
+    (["--guidance-interval", "0.8", "0.2"], "--guidance-interval 0.8 0.2: need 0 <= LOW <= HIGH <= 1"),
 ])
 def test_generation_cli_checks_input_before_loading(full_run, tmp_path, flags, message):
     tmp, _ = full_run
