@@ -39,7 +39,7 @@ import textwrap
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import safetensors.torch
@@ -1446,8 +1446,11 @@ class DiffusionModel(nn.Module):
         """A model from a folder written by save(), any ckpt-* folder, or a run folder (its latest checkpoint)."""
         path = checkpoint_dir(path)
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            config = Config(**json.load(f))
-        return cls(config).load_weights(path)
+            saved = json.load(f)
+        unknown = sorted(set(saved) - {f.name for f in fields(Config)})
+        if unknown:  # options a newer or older version had: none changes the weights' shapes, which are checked next
+            warnings.warn(f"{path}: config fields unknown to this version are ignored: {', '.join(unknown)}")
+        return cls(Config(**{k: v for k, v in saved.items() if k not in unknown})).load_weights(path)
 
     def load_weights(self, path):
         """Load a checkpoint's weights into this model; a different config is an error naming the fields."""

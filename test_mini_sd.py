@@ -591,6 +591,11 @@ def test_save_load_gives_identical_samples(tmp_path):
     assert torch.equal(pixels(a), pixels(loaded.sample([CAPTION], steps=3, seed=3)))
     model.ema_unet = None  # the EMA weights are what sampling uses
     assert not torch.equal(pixels(a), pixels(model.sample([CAPTION], steps=3, seed=3)))
+    config = json.load(open(tmp_path / "ckpt" / "config.json"))  # a checkpoint of a version with a training option
+    json.dump({**config, "snr_gamma": 5.0}, open(tmp_path / "ckpt" / "config.json", "w"))  # this one no longer has
+    with pytest.warns(UserWarning, match="config fields unknown to this version are ignored: snr_gamma"):
+        old = DiffusionModel.load(tmp_path / "ckpt")
+    assert torch.equal(pixels(a), pixels(old.sample([CAPTION], steps=3, seed=3)))
 
 
 def test_checkpoint_errors(tmp_path):
