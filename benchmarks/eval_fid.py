@@ -20,7 +20,9 @@ examples/text_to_image/train_text_to_image.py does (SD's DDPMScheduler: scaled_l
 sampled from the VAE each step; gradient clipping 1.0; diffusers' EMAModel; fp32, its default) with mini_sd's AdamW
 settings, learning rate schedule, steps, batch and 10% caption dropout. Its VAE: MSE + KL, latents scaled by 1/std.
 At each point (--eval-points, fractions of --unet-steps), per model: --images-per-class images per digit at guidance
-4, DPM-Solver++(2M) 20 and 10 steps, the same starting noise on both sides; FID against the held-out digits, class
+4, DPM-Solver++(2M) 20 and 10 steps, the same starting noise on both sides (mini_sd guides where its sample() does,
+t / T <= 0.6 by default, mini_sd.GUIDANCE_INTERVAL; the peer at every step, as diffusers' pipelines do); FID against
+the held-out digits, class
 accuracy, wall times; VAE PSNR on the held-out digits. FID of 500 images is biased upwards: compare rows with each
 other and with the noise floor, not with published numbers. Output: OUT/fid.md, sample grids in OUT/samples/.
 """
@@ -363,7 +365,8 @@ def markdown(args, eval_steps, infos, rows, floor, clf_acc, total_s):
          f"{torch.get_num_threads()} threads)", "",
          f"VAE {args.vae_steps} steps, UNet {args.unet_steps} steps, batch {args.batch_size}, lr {args.vae_lr:g} / {args.lr:g} "
          f"(both sides); {10 * args.images_per_class} images ({args.images_per_class} per digit) per point, guidance "
-         f"{GUIDANCE:g}, DPM-Solver++(2M) from EMA weights (rows 'raw weights': the same checkpoint without its EMA); "
+         f"{GUIDANCE:g} (mini_sd where {mini_sd.GUIDANCE_INTERVAL[0]:g} <= t / T <= {mini_sd.GUIDANCE_INTERVAL[1]:g}, the "
+         "peer at every step), DPM-Solver++(2M) from EMA weights (rows 'raw weights': the same checkpoint without its EMA); "
          f"FID@10 at the last point only; FID against {args.holdout} held-out digits (32 px -> 299 px "
          "Inception pool3); accuracy by a CNN trained on held-out digits.",
          "",

@@ -542,9 +542,10 @@ def make_jobs(seen, heldout, seeds, prompt=prompt_one):
     return jobs
 
 
-def generate(model, jobs, sampler, steps, guidance, batch_size, guidance_rescale=0.0):
-    """Images for jobs, batched per seed: model.sample(prompts of one seed, chunked, seed=seed * 1000 + chunk), so a
-    (prompt, seed) gets the same starting noise in every configuration that runs the same job list."""
+def generate(model, jobs, sampler, steps, guidance, batch_size, **options):
+    """Images for jobs, batched per seed: model.sample(prompts of one seed, chunked, seed=seed * 1000 + chunk, **options
+    such as guidance_rescale), so a (prompt, seed) gets the same starting noise in every configuration that runs the
+    same job list."""
     images = [None] * len(jobs)
     by_seed = {}
     for i, j in enumerate(jobs):
@@ -553,7 +554,7 @@ def generate(model, jobs, sampler, steps, guidance, batch_size, guidance_rescale
         for k in range(0, len(idx), batch_size):
             chunk = idx[k : k + batch_size]
             out = model.sample([jobs[i]["prompt"] for i in chunk], steps=steps, sampler=sampler,
-                               guidance_scale=guidance, guidance_rescale=guidance_rescale, seed=seed * 1000 + k // batch_size)
+                               guidance_scale=guidance, seed=seed * 1000 + k // batch_size, **options)
             for i, im in zip(chunk, out):
                 images[i] = im
     return images
@@ -561,7 +562,8 @@ def generate(model, jobs, sampler, steps, guidance, batch_size, guidance_rescale
 
 def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir, rescale=0.0, record=record_one, attrs=ATTRS):
     t0 = time.time()
-    images = generate(model, jobs, sampler, steps, guidance, args.batch_size, rescale)
+    images = generate(model, jobs, sampler, steps, guidance, args.batch_size, guidance_rescale=rescale,
+                      guidance_interval=args.guidance_interval)
     seconds = time.time() - t0
     recs = [{"prompt": j["prompt"], "split": j["split"], "seed": j["seed"], **record(img, j["combo"])}
             for j, img in zip(jobs, images)]
@@ -689,7 +691,8 @@ def fid_captions(args):
     t0 = time.time()
     jobs = [{"prompt": caption, "seed": args.seed} for _, caption in items]
     fake = []
-    for (path, _), im in zip(items, generate(model, jobs, "dpm++", args.fid_steps, args.guidance, args.batch_size)):
+    for (path, _), im in zip(items, generate(model, jobs, "dpm++", args.fid_steps, args.guidance, args.batch_size,
+                                                 guidance_interval=args.guidance_interval)):
         im.save(os.path.join(fake_dir, os.path.splitext(os.path.basename(path))[0] + ".png"))
         fake.append(mini_sd.to_pil(mini_sd.image_to_tensor(im, size)[None])[0])
     gen_s = time.time() - t0
@@ -749,6 +752,11 @@ def model_line(s):  # the report's line on where the model came from
             + f" (VAE steps: {s['vae_steps']}, UNet steps: {s['unet_steps']}; {s['train_images']} training images).")
 
 
+def guidance_text(s):  # "5.0 (where 0 <= t / T <= 0.6)"; reports from before the interval existed guided every step
+    lo, hi = s.get("guidance_interval", (0.0, 1.0))
+    return f"{s['guidance']}" + ("" if (lo, hi) == (0.0, 1.0) else f" (where {lo:g} <= t / T <= {hi:g})")
+
+
 def markdown(R):
     L = []
     s = R["setup"]
@@ -757,7 +765,7 @@ def markdown(R):
     L.append(f"Held-out combinations ({len(s['heldout'])}, never in training): "
              + ", ".join(f"{c} {sh} / {p}" for c, sh, p in s["heldout"]) + ".")
     L.append(f"Seen prompts: {len(s['seen'])} combinations from training. {s['images_per_prompt']} images per prompt "
-             f"(seeds {s['seeds']}), guidance {s['guidance']} unless stated. Device: {s['device']}, "
+             f"(seeds {s['seeds']}), guidance {guidance_text(s)} unless stated. Device: {s['device']}, "
              f"{s['threads']} threads.\n")
     sc = R["scorer_real"]
     L.append(f"Scorer on {sc['n']} real images (validation set, not trained on): colour {fmt(sc['colour'])}%, "
@@ -811,7 +819,7 @@ def markdown_pairs(R):
     L.append(f"Held-out facts ({len(s['heldout'])}, no training image has an object of that colour and shape in that "
              "relation to the other): " + ", ".join(f"{c} {sh} {r} ..." for c, sh, r in s["heldout"]) + ".")
     L.append(f"Prompts: {len(s['heldout_prompts'])} held-out, {len(s['seen_prompts'])} seen; {s['images_per_prompt']} "
-             f"images per prompt, guidance {s['guidance']} unless stated. Device: {s['device']}, {s['threads']} threads.\n")
+             f"images per prompt, guidance {guidance_text(s)} unless stated. Device: {s['device']}, {s['threads']} threads.\n")
     sc, v = R["scorer_real"], R["vae"]
     L.append(f"Scorer on {sc['n']} real two-object images (validation set, not trained on): two objects found "
              f"{fmt(sc['found'])}%, colours {fmt(sc['colour'])}%, shapes {fmt(sc['shape'])}%, relation "
@@ -867,6 +875,8 @@ def parse_args(argv=None):
     a("--val-n", type=int, default=None, help="real validation images for the scorer and the VAE (default 500)")
     a("--guidance", type=float, default=5.0, help="classifier-free guidance scale of the sampler comparison")
     a("--guidance-sweep", default="1,2,3,5,7.5", help="guidance scales tried at DPM-Solver++ 20 ('' to skip)")
+    a("--guidance-interval", type=float, nargs=2, default=mini_sd.GUIDANCE_INTERVAL, metavar=("LOW", "HIGH"),
+      help="sample(guidance_interval=...) for every generated image: guidance only where LOW <= t / T <= HIGH")
     a("--guidance-rescale", default="0,0.7", help="guidance_rescale values of the rescale table ('' to skip it)")
     a("--rescale-guidance", default="5,7.5", help="guidance scales at which each --guidance-rescale value is tried "
                                                   "(DPM-Solver++ 20)")
@@ -1041,6 +1051,7 @@ def main_pairs(args, model, model_dir, preset, train_seconds, train_images, held
                    "train_images": train_images, "heldout": [list(c) for c in heldout],
                    "heldout_prompts": [prompt_pair(s) for s in held_scenes], "seen_prompts": [prompt_pair(s) for s in seen_scenes],
                    "seeds": args.seeds, "images_per_prompt": len(args.seeds), "guidance": args.guidance,
+                   "guidance_interval": list(args.guidance_interval),
                    "device": str(model.device), "threads": torch.get_num_threads(), "quick": args.quick},
          "scorer_real": scorer_real, "vae": vae, "configs": configs,
          "per_heldout": {k: f"{a}/{n}" for k, (a, n) in per_heldout.items()}, "targets": targets,
@@ -1182,7 +1193,8 @@ def main(argv=None):
         log(f"FID: {n} images per set; generating {n} images for the validation captions ...")
         fid_jobs = [{"prompt": PROMPT.format(c=c, s=s, p=p), "split": "val", "combo": [c, s, p], "seed": 0}
                     for c, s, p in val_labels[:n]]
-        gen = generate(model, fid_jobs, "dpm++", args.fid_steps, args.guidance, args.batch_size)
+        gen = generate(model, fid_jobs, "dpm++", args.fid_steps, args.guidance, args.batch_size,
+                       guidance_interval=args.guidance_interval)
         fid = FID()
         real_a = fid.features(val_images[:n])
         rng = np.random.RandomState(0)
@@ -1218,6 +1230,7 @@ def main(argv=None):
                    "unet_steps": args.unet_steps if not args.model else "n/a (--model)",
                    "train_images": train_images, "heldout": [list(c) for c in heldout], "seen": [list(c) for c in seen],
                    "seeds": args.seeds, "images_per_prompt": len(args.seeds), "guidance": args.guidance,
+                   "guidance_interval": list(args.guidance_interval),
                    "device": str(model.device), "threads": torch.get_num_threads(), "quick": args.quick},
          "scorer_real": scorer_real, "vae": vae, "configs": configs, "rescale": rescale, "per_heldout": per_heldout, "fid": fid_res,
          "targets": targets, "timings": {k: round(v, 1) for k, v in timings.items()}}
