@@ -87,9 +87,8 @@ class Config:
     # v-prediction on a zero-terminal-SNR schedule: with SD's betas a little of the image survives at the last
     # step, the model learns to read the layout from it, and pure noise at sampling time has none (on the shapes:
     # position right 73% -> 100% of the time). Epsilon cannot predict at SNR 0, hence v. "flow" is rectified flow
-    # as in SD3: x_t = (1 - t) x0 + t eps, the UNet predicts eps - x0, and the betas are not used. Measured
-    # (benchmarks/README.md): flow + logit-normal learns MNIST fastest, but its final FID is within noise of v's and,
-    # training little at the highest noise levels where layout is decided, it puts only 54% of shapes in the right place
+    # as in SD3: x_t = (1 - t) x0 + t eps, the UNet predicts eps - x0, and the betas are not used. Flow + logit-normal
+    # learns MNIST fastest but puts only 58% / 50% of shapes in the named place (benchmarks/README.md)
     prediction_type: str = "v_prediction"
     timestep_spacing: str = "trailing"
     zero_terminal_snr: bool = True  # DDPM objectives: rescale betas so the last step is pure noise

@@ -31,20 +31,20 @@ def main():
     held_pils = [Image.fromarray(im) for im in images[held]]
     fid, (classifier, _) = E.FID(), E.train_classifier(held_pils, labels[held], 0)
     ref = fid.features(held_pils)
-    jobs = [(E.CAPTIONS[0].format(w=E.WORDS[d], d=d), d) for d in range(10) for _ in range(50)]
+    jobs = [{"prompt": E.CAPTIONS[0].format(w=E.WORDS[d], d=d), "seed": 0, "digit": d} for d in range(10) for _ in range(50)]
     checkpoints, specs = [a for a in sys.argv[1:] if "," not in a], [a for a in sys.argv[1:] if "," in a]
-    for checkpoint, spec in ((c, s) for c in checkpoints for s in specs):
+    for checkpoint in checkpoints:
         model = mini_sd.DiffusionModel.load(checkpoint)
-        guidance, low, high, steps = spec.split(",")
-        t0, out = time.time(), []
-        for k in range(0, len(jobs), E.SAMPLE_BATCH):  # eval_fid's batches and seeds
-            out += model.sample([p for p, _ in jobs[k : k + E.SAMPLE_BATCH]], steps=int(steps), seed=k // E.SAMPLE_BATCH,
-                                guidance_scale=float(guidance), guidance_interval=(float(low), float(high)))
-        right = E.classify(classifier, E.grey(out)) == torch.tensor([d for _, d in jobs])
-        print(json.dumps({"checkpoint": checkpoint, "guidance,low,high,steps": spec,
-                          "fid": round(fid.distance(ref, fid.features(out)), 2),
-                          "accuracy": round(100 * right.float().mean().item(), 1), "sampling_s": round(time.time() - t0, 1)}),
-              flush=True)
+        for spec in specs:
+            guidance, low, high, steps = spec.split(",")
+            t0 = time.time()
+            out = E.generate(model, jobs, "dpm++", int(steps), float(guidance), E.SAMPLE_BATCH,  # Judge's images
+                             guidance_interval=(float(low), float(high)))
+            right = E.classify(classifier, E.grey(out)) == torch.tensor([j["digit"] for j in jobs])
+            print(json.dumps({"checkpoint": checkpoint, "guidance,low,high,steps": spec,
+                              "fid": round(fid.distance(ref, fid.features(out)), 2),
+                              "accuracy": round(100 * right.float().mean().item(), 1),
+                              "sampling_s": round(time.time() - t0, 1)}), flush=True)
 
 
 if __name__ == "__main__":
