@@ -375,6 +375,31 @@ def _dilate(mask, r):
     return out
 
 
+def _upsample(a, k):  # (H, W) float array -> (k H, k W), bilinear: half-coverage edges at sub-pixel precision
+    return np.asarray(Image.fromarray(a.astype(np.float32), mode="F").resize((k * a.shape[1], k * a.shape[0]), Image.BILINEAR))
+
+
+def _solidity(mask):
+    """Area of a boolean (H, W) mask over the area of its convex hull (of the pixels' corners): 1 for an axis-aligned
+    rectangle, just under 1 for any convex shape drawn in pixels, lower for concave outlines (pinched sides, stars)."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    pts = sorted({(x + dx, y + dy) for x, y in zip(xs.tolist(), ys.tolist()) for dx in (0, 1) for dy in (0, 1)})
+
+    def half(points):  # Andrew's monotone chain: one side of the hull
+        h = []
+        for p in points:
+            while len(h) > 1 and (h[-1][0] - h[-2][0]) * (p[1] - h[-2][1]) - (h[-1][1] - h[-2][1]) * (p[0] - h[-2][0]) <= 0:
+                h.pop()
+            h.append(p)
+        return h[:-1]
+
+    hull = half(pts) + half(pts[::-1])
+    area = 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(hull, hull[1:] + hull[:1])))
+    return float(mask.sum() / area)
+
+
 PALETTE = np.array([mini_sd.SHAPE_COLOURS[c] for c in COLOURS], dtype=np.float32)
 POS_XY = np.array([mini_sd.POSITIONS[p] for p in POSITIONS], dtype=np.float32)
 
@@ -413,8 +438,8 @@ def relation(p, q):
 def _describe(a, bg, dist, blob, min_frac=0.002):
     """One object, the blob (a boolean mask) of the image a, judged as score_image says."""
     H, W, _ = a.shape
-    none = {"colour": None, "shape": None, "position": None, "fill": None, "skew": None, "diag": None, "centre": None,
-            "rgb": None, "area": 0.0}
+    none = {"colour": None, "shape": None, "position": None, "fill": None, "skew": None, "diag": None, "solidity": None,
+            "centre": None, "rgb": None, "area": 0.0}
     if blob.sum() < max(3, min_frac * H * W):
         return none
     d = dist[blob]
@@ -450,7 +475,7 @@ def _describe(a, bg, dist, blob, min_frac=0.002):
     shape = min(SHAPES, key=lambda s: sum(((f - p) / w) ** 2 for f, p, w in zip(features, SHAPE_PROTO[s], SHAPE_SCALE)))
     position = POSITIONS[int(np.argmin(np.linalg.norm(POS_XY - centre, axis=1)))]
     return {"colour": colour, "shape": shape, "position": position, "fill": round(fill, 4), "skew": round(skew, 3),
-            "diag": round(diag, 3),
+            "diag": round(diag, 3), "solidity": round(_solidity(_upsample(alpha, 4) >= 0.5), 4),
             "centre": [round(float(x), 4) for x in centre], "rgb": [round(float(x), 1) for x in fg],
             "area": round(float(area) / (H * W), 5)}
 
@@ -487,7 +512,8 @@ def record_one(img, truth):
     """One image against its (colour, shape, position) -> the scorer's record."""
     pred = score_image(img)
     return {"truth": list(truth), "pred": [pred["colour"], pred["shape"], pred["position"]],
-            "fill": pred["fill"], "skew": pred["skew"], "diag": pred["diag"], "ok": judge(pred, truth)}
+            "fill": pred["fill"], "skew": pred["skew"], "diag": pred["diag"], "solidity": pred["solidity"],
+            "ok": judge(pred, truth)}
 
 
 def record_pair(img, truth):
@@ -501,14 +527,16 @@ def score_set(images, labels, record=record_one):
 
 
 def outline_stats(recs):
-    """Pinched outlines in numbers, per true shape: the mean fill ratio of the images prompted (or drawn) as squares
-    and as circles over their prototypes (square 1, circle pi/4; concave sides and lumps lower it) and the mean
-    diagonal kurtosis excess, the corner measure (square 0.6, circle 0). Images with no object found are left out."""
+    """Pinched outlines in numbers, per true shape: the mean fill ratio over the prototype's (square 1, circle pi/4,
+    triangle 1/2; concave sides and lumps lower it), the mean diagonal kurtosis excess, the corner measure (square 0.6,
+    others 0), and the mean solidity, area over convex hull (concave sides lower it: guidance's four-point stars).
+    Images with no object found are left out."""
     out = {}
-    for shape in ("square", "circle"):
+    for shape in SHAPES:
         rs = [r for r in recs if r["truth"][1] == shape and r["fill"] is not None]
-        out[shape] = {"n": len(rs), "fill_rel": (sum(r["fill"] for r in rs) / len(rs) / SHAPE_PROTO[shape][0]) if rs else None,
-                      "diag": (sum(r["diag"] for r in rs) / len(rs)) if rs else None}
+        mean = lambda key: (sum(r[key] for r in rs) / len(rs)) if rs else None
+        out[shape] = {"n": len(rs), "fill_rel": mean("fill") / SHAPE_PROTO[shape][0] if rs else None, "diag": mean("diag"),
+                      "solidity": mean("solidity")}
     return out
 
 
@@ -782,17 +810,23 @@ def markdown(R):
              f"all three {fmt(v['scorer']['all'])}% (colour {fmt(v['scorer']['colour'])}, shape "
              f"{fmt(v['scorer']['shape'])}, position {fmt(v['scorer']['position'])}).\n")
     L.append("| sampler | steps | guidance | images | seen colour | seen shape | seen position | **seen all** "
-             "| held-out colour | held-out shape | held-out position | **held-out all** | time (s) | s/image |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+             "| held-out colour | held-out shape | held-out position | **held-out all** | solidity square / triangle "
+             "| time (s) | s/image |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    solidity = lambda o: f"{fmt(o['square']['solidity'], 3)} / {fmt(o['triangle']['solidity'], 3)}"
     for c in R["configs"]:
         if c.get("rescale"):
             continue  # in the guidance_rescale table
         a, b = c["seen"], c["heldout"]
         L.append(f"| {c['sampler']} | {c['steps']} | {c['guidance']:g} | {c['images']} | {fmt(a['colour'])} | "
                  f"{fmt(a['shape'])} | {fmt(a['position'])} | **{fmt(a['all'])}** | {fmt(b['colour'])} | "
-                 f"{fmt(b['shape'])} | {fmt(b['position'])} | **{fmt(b['all'])}** | {c['seconds']:.0f} | {c['s_per_image']:.2f} |")
+                 f"{fmt(b['shape'])} | {fmt(b['position'])} | **{fmt(b['all'])}** | {solidity(outline_stats(c['records']))} "
+                 f"| {c['seconds']:.0f} | {c['s_per_image']:.2f} |")
+    ref = R["rescale"]["reference"]
     L.append("\nAccuracies in %, per generated image, judged by the pixel scorer. Rows with guidance other than "
-             f"{s['guidance']:g} are the guidance sweep.\n")
+             f"{s['guidance']:g} are the guidance sweep. Solidity: the object's area over its convex hull's, mean over "
+             f"the images prompted as squares / triangles; pinched, concave sides lower it (real images "
+             f"{solidity(ref['real images'])}, VAE reconstructions {solidity(ref['VAE reconstructions'])}).\n")
     if R.get("rescale", {}).get("rows"):
         L.append(rescale_table(R["rescale"]) + "\n")
     if R.get("per_heldout"):
@@ -873,7 +907,7 @@ def parse_args(argv=None):
     a("--seeds", default=None, help="explicit comma-separated seeds (overrides --images-per-prompt)")
     a("--seed", type=int, default=0, help="training seed and FID sampling seed")
     a("--val-n", type=int, default=None, help="real validation images for the scorer and the VAE (default 500)")
-    a("--guidance", type=float, default=5.0, help="classifier-free guidance scale of the sampler comparison")
+    a("--guidance", type=float, default=mini_sd.GUIDANCE_SCALE, help="classifier-free guidance scale of the sampler comparison")
     a("--guidance-sweep", default="1,2,3,5,7.5", help="guidance scales tried at DPM-Solver++ 20 ('' to skip)")
     a("--guidance-interval", type=float, nargs=2, default=mini_sd.GUIDANCE_INTERVAL, metavar=("LOW", "HIGH"),
       help="sample(guidance_interval=...) for every generated image: guidance only where LOW <= t / T <= HIGH")
