@@ -552,8 +552,10 @@ def test_guidance_interval_guides_only_those_noise_levels(awake_model, monkeypat
     prompts = [CAPTION, "a blue square"]
     guided = pixels(awake_model.sample(prompts, steps=4, seed=0, guidance_scale=7.0, guidance_interval=(0, 1)))
     default = pixels(awake_model.sample(prompts, steps=4, seed=0, guidance_scale=7.0))
-    assert mini_sd.GUIDANCE_INTERVAL == (0.0, 0.6) and torch.equal(default, pixels(awake_model.sample(
-        prompts, steps=4, seed=0, guidance_scale=7.0, guidance_interval=(0.0, 0.6))))
+    assert mini_sd.GUIDANCE_INTERVAL == (0.2, 0.6) and torch.equal(default, pixels(awake_model.sample(
+        prompts, steps=4, seed=0, guidance_scale=7.0, guidance_interval=(0.2, 0.6))))
+    assert mini_sd.GUIDANCE_SCALE == 3.0 and torch.equal(pixels(awake_model.sample(prompts, steps=4, seed=0)), pixels(
+        awake_model.sample(prompts, steps=4, seed=0, guidance_scale=3.0, guidance_interval=(0.2, 0.6))))
     unguided = pixels(awake_model.sample(prompts, steps=4, seed=0, guidance_scale=1.0))
     assert (guided - unguided).abs().mean() > 1
     # an interval that holds none of the timesteps (999, 749, 499, 249) is sampling without guidance
@@ -564,8 +566,8 @@ def test_guidance_interval_guides_only_those_noise_levels(awake_model, monkeypat
     partial = pixels(awake_model.sample(prompts, steps=4, seed=0, guidance_scale=7.0, guidance_interval=(0.3, 0.8)))
     assert batches == [2, 4, 4, 2]  # both halves only at t = 749 and 499
     batches.clear()
-    awake_model.sample(prompts, steps=4, seed=0, guidance_scale=7.0)
-    assert batches == [2, 2, 4, 4]  # the default guides t / T <= 0.6
+    awake_model.sample(prompts, steps=5, seed=0, guidance_scale=7.0)
+    assert batches == [2, 2, 4, 4, 2]  # of 999, 799, 599, 399, 199 the default guides 0.2 <= t / T <= 0.6
     assert (partial - guided).abs().mean() > 0.1 and (partial - unguided).abs().mean() > 0.1
 
 
