@@ -21,8 +21,7 @@ sampled from the VAE each step; gradient clipping 1.0; diffusers' EMAModel; fp32
 settings, learning rate schedule, steps, batch and 10% caption dropout. Its VAE: MSE + KL, latents scaled by 1/std.
 At each point (--eval-points, fractions of --unet-steps), per model: --images-per-class images per digit at guidance
 4, DPM-Solver++(2M) 20 and 10 steps, the same starting noise on both sides (mini_sd guides where its sample() does,
-t / T <= 0.6 by default, mini_sd.GUIDANCE_INTERVAL; the peer at every step, as diffusers' pipelines do); FID against
-the held-out digits, class
+mini_sd.GUIDANCE_INTERVAL; the peer at every step, as diffusers' pipelines do); FID against the held-out digits, class
 accuracy, wall times; VAE PSNR on the held-out digits. FID of 500 images is biased upwards: compare rows with each
 other and with the noise floor, not with published numbers. Output: OUT/fid.md, sample grids in OUT/samples/.
 """
