@@ -277,15 +277,20 @@ def train_peer_unet(peer, data, steps, batch_size, lr, eval_steps, cfg_dropout=0
 
 class Judge:
     def __init__(self, reference, real, classifier, images_per_class, out):
-        """reference: the held-out digits; real: as many training digits as are generated (the noise floor's)."""
+        """reference: the held-out digits; real: as many training digits as are generated (the noise floor's), or
+        None where no VAE is judged."""
         self.fid, self.classifier, self.out = FID(), classifier, out
         self.ref = self.fid.features(reference)
-        self.real = torch.stack([mini_sd.image_to_tensor(im, 32) for im in real])
+        self.real = torch.stack([mini_sd.image_to_tensor(im, 32) for im in real]) if real else None
         self.jobs = [{"prompt": CAPTIONS[0].format(w=WORDS[d], d=d), "seed": 0, "digit": d}
                      for d in range(10) for _ in range(images_per_class)]
 
     def fid_of(self, pils):
         return self.fid.distance(self.ref, self.fid.features(pils))
+
+    def accuracy(self, pils):  # % of self.jobs' images the classifier reads as their prompt's digit
+        right = classify(self.classifier, grey(pils)) == torch.tensor([j["digit"] for j in self.jobs])
+        return 100 * right.float().mean().item()
 
     def vae_fid(self, model):  # the autoencoder's own floor: FID of its reconstructions of the noise floor's digits
         return self.fid_of(vae_recon(model, self.real)[1])
@@ -301,8 +306,7 @@ class Judge:
             row[f"fid{steps}"] = self.fid_of(images)
             row[f"fid{steps}_s"] = time.time() - t0
             if steps == 20:
-                right = classify(self.classifier, grey(images)) == torch.tensor([j["digit"] for j in self.jobs])
-                row["acc20"] = 100 * right.float().mean().item()
+                row["acc20"] = self.accuracy(images)
                 per, cols = len(self.jobs) // 10, min(10, len(self.jobs) // 10)  # a grid: a row per digit
                 grid = mini_sd.make_grid([images[d * per + k] for d in range(10) for k in range(cols)], cols=cols)
                 grid.save(os.path.join(self.out, "samples", f"{name}-step{step:07d}.png"))

@@ -15,7 +15,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -29,22 +28,18 @@ def main():
     images, labels = E.load_mnist()
     held = E.per_class(labels, 100, np.random.RandomState(0))  # eval_fid's defaults: --holdout 1000, --seed 0
     held_pils = [Image.fromarray(im) for im in images[held]]
-    fid, (classifier, _) = E.FID(), E.train_classifier(held_pils, labels[held], 0)
-    ref = fid.features(held_pils)
-    jobs = [{"prompt": E.CAPTIONS[0].format(w=E.WORDS[d], d=d), "seed": 0, "digit": d} for d in range(10) for _ in range(50)]
+    judge = E.Judge(held_pils, None, E.train_classifier(held_pils, labels[held], 0)[0], 50, out=None)
     checkpoints, specs = [a for a in sys.argv[1:] if "," not in a], [a for a in sys.argv[1:] if "," in a]
     for checkpoint in checkpoints:
         model = mini_sd.DiffusionModel.load(checkpoint)
         for spec in specs:
             guidance, low, high, steps = spec.split(",")
             t0 = time.time()
-            out = E.generate(model, jobs, "dpm++", int(steps), float(guidance), E.SAMPLE_BATCH,  # Judge's images
+            out = E.generate(model, judge.jobs, "dpm++", int(steps), float(guidance), E.SAMPLE_BATCH,
                              guidance_interval=(float(low), float(high)))
-            right = E.classify(classifier, E.grey(out)) == torch.tensor([j["digit"] for j in jobs])
-            print(json.dumps({"checkpoint": checkpoint, "guidance,low,high,steps": spec,
-                              "fid": round(fid.distance(ref, fid.features(out)), 2),
-                              "accuracy": round(100 * right.float().mean().item(), 1),
-                              "sampling_s": round(time.time() - t0, 1)}), flush=True)
+            seconds = time.time() - t0
+            print(json.dumps({"checkpoint": checkpoint, "guidance,low,high,steps": spec, "fid": round(judge.fid_of(out), 2),
+                              "accuracy": round(judge.accuracy(out), 1), "sampling_s": round(seconds, 1)}), flush=True)
 
 
 if __name__ == "__main__":
