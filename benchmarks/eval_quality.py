@@ -384,10 +384,12 @@ def _upsample(a, k):  # (H, W) float array -> (k H, k W), bilinear: half-coverag
 def _solidity(mask):
     """Area of a boolean (H, W) mask over the area of its convex hull (of the pixels' corners): 1 for an axis-aligned
     rectangle, just under 1 for any convex shape drawn in pixels, lower for concave outlines (pinched sides, stars)."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
+    rows = np.flatnonzero(mask.any(axis=1))
+    if len(rows) == 0:
         return None
-    pts = sorted({(x + dx, y + dy) for x, y in zip(xs.tolist(), ys.tolist()) for dx in (0, 1) for dy in (0, 1)})
+    # the hull of every pixel corner is the hull of each row's outermost corners
+    left, right = mask[rows].argmax(axis=1), mask.shape[1] - mask[rows, ::-1].argmax(axis=1)
+    pts = sorted({(int(x), int(y + dy)) for y, l, r in zip(rows, left, right) for x in (l, r) for dy in (0, 1)})
 
     def half(points):  # Andrew's monotone chain: one side of the hull
         h = []
