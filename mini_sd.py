@@ -817,16 +817,66 @@ def default_device():
     return torch.device("cpu")
 
 
-def bf16_supported(device):  # bf16 where the hardware has it: any CPU, CUDA from Ampere on, Apple GPUs from macOS 14
+@dataclass(frozen=True)
+class Precision:
+    """How training and sampling compute on a device: the autocast dtype (fp32: none), and why it was chosen.
+    fp16's narrow range needs loss scaling (a GradScaler); bf16 has fp32's range and needs none. tf32: fp32 matmuls
+    (VAE encode, text encoder) on Ampere and later run in TF32, set only inside train() and sample()."""
+
+    name: str  # "fp32", "bf16" or "fp16"
+    reason: str
+    tf32: bool = False
+
+    @property
+    def dtype(self):
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
+
+    def autocast(self, device):
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.name != "fp32")
+
+    @contextlib.contextmanager
+    def matmuls(self):  # TF32 inside, the caller's global setting restored after
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if self.tf32 else before)
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+
+def mps_autocast(dtype):  # does the installed torch's MPS autocast take this dtype? (2.5: fp16, 2.6: bf16 too)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unsupported dtype warns and disables autocast
+        try:
+            return torch.autocast("mps", dtype=dtype)._enabled
+        except RuntimeError:  # a torch without MPS autocast refuses the device type
+            return False
+
+
+def choose_precision(device, precision="auto"):
+    """The one precision policy, from what the device really has: bf16 where it has bf16 units, fp16 with loss
+    scaling on older GPUs, fp32 elsewhere (emulated bf16 is 50-80x slower than fp32 on a CPU without the units)."""
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}; choose from auto, bf16, fp16, fp32")
+    device, tf32 = torch.device(device), False
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "mps":  # MPS autocast knows float16 and, on macOS 14 and later, bfloat16
-        return getattr(torch.backends.mps, "is_macos_or_newer", lambda *v: False)(14, 0)
-    return device.type == "cpu"
-
-
-def bf16_autocast(device, enabled=True):  # otherwise fp32: fp16 would need loss scaling
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and bf16_supported(device))
+        cc = torch.cuda.get_device_capability(device)
+        tf32 = cc >= (8, 0)  # Ampere on: native bf16 and TF32; before it (T4, V100) bf16 is emulated
+        auto = ("bf16", f"compute capability {cc[0]}.{cc[1]} has bf16 units") if tf32 else \
+            ("fp16", f"compute capability {cc[0]}.{cc[1]} has no bf16 units: fp16 with loss scaling")
+    elif device.type == "mps":
+        if torch.backends.mps.is_macos_or_newer(14, 0) and mps_autocast(torch.bfloat16):
+            auto = ("bf16", "MPS autocast has bf16 on macOS 14 and later")
+        elif mps_autocast(torch.float16):
+            auto = ("fp16", "MPS autocast has fp16 only here: fp16 with loss scaling")
+        else:
+            auto = ("fp32", f"torch {torch.__version__} has no MPS autocast")
+    elif torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
+        auto = ("bf16", "this CPU has bf16 units")
+    else:
+        auto = ("fp32", "this CPU has no bf16 units")
+    name, reason = auto if precision == "auto" else (precision, "as asked")
+    return Precision(name, reason, tf32=tf32 and name != "fp32")
 
 
 def rank_and_world():  # (this process's rank, number of processes) under torchrun, (0, 1) otherwise
@@ -995,11 +1045,13 @@ class Trainer:
     """
 
     def __init__(self, model, stage="unet", steps=1000, lr=1e-4, warmup=100, weight_decay=0.01,
-                 ema=0.999, cfg_dropout=0.1, grad_clip=1.0, autocast=True):
+                 ema=0.999, cfg_dropout=0.1, grad_clip=1.0, precision="auto"):
         if stage not in TRAINING["base"]:
             raise ValueError(f"unknown stage {stage!r}; use 'vae' or 'unet'")
-        self.model, self.stage, self.steps, self.step_count = model, stage, steps, 0
-        self.ema, self.cfg_dropout, self.grad_clip, self.autocast = ema, cfg_dropout, grad_clip, autocast
+        self.model, self.stage, self.steps, self.step_count, self.skipped = model, stage, steps, 0, False
+        self.ema, self.cfg_dropout, self.grad_clip = ema, cfg_dropout, grad_clip
+        self.precision = choose_precision(model.device, precision) if isinstance(precision, str) else precision
+        self.scaler = torch.amp.GradScaler(model.device.type, enabled=self.precision.name == "fp16")
         trained = model.vae if stage == "vae" else model.unet
         model.requires_grad_(False)
         trained.requires_grad_(True)
@@ -1020,22 +1072,28 @@ class Trainer:
             images = images.to(device, non_blocking=True)
             last = i == len(batches) - 1
             sync = self.loss_module.no_sync() if hasattr(self.loss_module, "no_sync") and not last else contextlib.nullcontext()
-            with sync, bf16_autocast(device, self.autocast):
+            with sync, self.precision.autocast(device):
                 if self.stage == "vae":
                     loss = self.loss_module(images)
                 else:  # caption dropout: the model also learns the unconditional "" used by guidance
                     drop = (torch.rand(len(captions)) < self.cfg_dropout).tolist()
                     loss = self.loss_module(images, ["" if d else c for c, d in zip(captions, drop)])
-            (loss / len(batches)).backward()
+            self.scaler.scale(loss / len(batches)).backward()
             total += loss.item() / len(batches)
         if not math.isfinite(total):
             raise FloatingPointError(f"loss is {total} at step {self.step_count}: stopping before the weights are spoilt")
+        self.scaler.unscale_(self.opt)  # clip the true gradients (a no-op without fp16 loss scaling)
         torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.opt.step()
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.opt)  # skipped when fp16 gradients overflowed; the scale then halves
+        self.scaler.update()
+        # a skipped step still counts and moves the LR schedule: both stay tied to the batches seen, so a resumed run
+        # draws the same batches; the EMA, an average of real weights, is not updated
+        self.skipped = self.scaler.get_scale() < scale
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.step_count += 1
-        if self.stage == "unet" and self.model.ema_unet is not None:
+        if self.stage == "unet" and self.model.ema_unet is not None and not self.skipped:
             # (1 + n) / (10 + n) is EDM2's power EMA with gamma ~ 8: an average whose width grows with the run
             # (centred at 90% of the steps so far), so a short run's EMA is never stale; `ema` caps it from ~9/(1-ema) steps
             decay = min(self.ema, (1 + self.step_count) / (10 + self.step_count))
@@ -1045,12 +1103,15 @@ class Trainer:
         return total
 
     def state_dict(self):
-        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "step": self.step_count}
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "step": self.step_count,
+                "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state):
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         self.step_count = state["step"]
+        if self.scaler.is_enabled() and state.get("scaler"):  # fp16's loss scale; a checkpoint of another precision has none
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def format_time(seconds):  # for the progress lines: 00:12:34
@@ -1111,9 +1172,10 @@ class DiffusionModel(nn.Module):
         return self.vae.encode(images.to(self.device))[0] * self.vae.scaling_factor
 
     @torch.no_grad()
-    def decode(self, latents):
+    def decode(self, latents, precision="auto"):
         """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], fp32, by the decoder that sample() uses."""
-        decoder, z = self.inference_copy("decoder"), latents.to(self.device) / self.vae.scaling_factor
+        decoder = self.inference_copy("decoder", choose_precision(self.device, precision))
+        z = latents.to(self.device) / self.vae.scaling_factor
         with torch.autocast(self.device.type, enabled=False):  # the decoder's own dtype, whatever the caller's autocast
             # 4 images at a time: full-resolution activations set sampling's peak memory; this bounds it for any batch
             return torch.cat([decoder(part).float().clamp(-1, 1) for part in z.split(4)])
@@ -1192,7 +1254,7 @@ class DiffusionModel(nn.Module):
         return (out.float() - self.scheduler.target(x0, noise, t)).square().mean()
 
     def train(self, data=True, *, stage="unet", steps=None, batch_size=None, lr=None, warmup=100, grad_accum=1,
-              ema=0.999, cfg_dropout=0.1, autocast=True, compile=False, num_workers=0, seed=0, out=None, resume=False,
+              ema=0.999, cfg_dropout=0.1, precision="auto", compile=False, num_workers=0, seed=0, out=None, resume=False,
               save_every=500, keep=3, sample_every=1000, log_every=50, prompts=None):
         """model.train() / model.train(False): nn.Module's meaning. model.train(data, ...): the training loop.
 
@@ -1240,8 +1302,13 @@ class DiffusionModel(nn.Module):
             os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         if compile:
             self.compile()
-        trainer = Trainer(self, stage, steps, lr, warmup, ema=ema, cfg_dropout=cfg_dropout, autocast=autocast)
+        trainer = Trainer(self, stage, steps, lr, warmup, ema=ema, cfg_dropout=cfg_dropout, precision=precision)
+        log(f"{stage} stage on {self.device}: precision {trainer.precision.name} ({trainer.precision.reason})")
         if state is not None:
+            was = (state.get("precision", "bf16"), state.get("device", "cpu"))
+            if was != (trainer.precision.name, self.device.type):
+                log(f"note: {ckpt} was trained in {was[0]} on {was[1]}, this run is {trainer.precision.name} on "
+                    f"{self.device.type}: it continues, but not bit for bit")
             for k, v in run.items():
                 if state[k] != v:
                     raise ValueError(f"{ckpt} was trained with {k}={state[k]}, this run has {k}={v}")
@@ -1289,7 +1356,7 @@ class DiffusionModel(nn.Module):
         t0 = time.time()
         super().train(True)
         try:
-            with StopOnSignal() as stop:
+            with StopOnSignal() as stop, trainer.precision.matmuls():
                 while trainer.step_count < steps:
                     try:
                         loss = trainer.step([next(batches) for _ in range(grad_accum)])
@@ -1342,7 +1409,8 @@ class DiffusionModel(nn.Module):
             tmp = os.path.join(out, f".tmp-{os.path.basename(path)}")
             shutil.rmtree(tmp, ignore_errors=True)
             self.save(tmp)
-            torch.save({"stage": stage, "step": trainer.step_count, "trainer": trainer.state_dict(), "rng": rngs, **run},
+            torch.save({"stage": stage, "step": trainer.step_count, "trainer": trainer.state_dict(), "rng": rngs,
+                        "precision": trainer.precision.name, "device": self.device.type, **run},
                        os.path.join(tmp, "trainer.pt"))
             shutil.rmtree(path, ignore_errors=True)
             os.rename(tmp, path)
@@ -1362,12 +1430,14 @@ class DiffusionModel(nn.Module):
     # -- sampling ----------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts, *, steps=25, sampler="dpm++", guidance_scale=GUIDANCE_SCALE, guidance_rescale=0.0,
-               negative_prompt=None, seed=None, eta=0.0, init_image=None, strength=0.8, guidance_interval=GUIDANCE_INTERVAL):
+               negative_prompt=None, seed=None, eta=0.0, init_image=None, strength=0.8, guidance_interval=GUIDANCE_INTERVAL,
+               precision="auto"):
         """Prompts -> list of PIL images. Guidance runs the unconditional and conditional halves in one batch;
         guidance_rescale (Lin et al. 2024, 0.7 recommended) keeps strong guidance from burning the image;
         guidance_interval (low, high) in t / T guides only those noise levels, and the others cost half a step
         ((0, 1): guidance at every step);
-        init_image (PIL image, path or (B, 3, H, W) tensor in [-1, 1]) with strength in (0, 1] is img2img."""
+        init_image (PIL image, path or (B, 3, H, W) tensor in [-1, 1]) with strength in (0, 1] is img2img;
+        precision: "auto" follows the model's device (choose_precision), or "bf16", "fp16", "fp32"."""
         for name, value in dict(steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                                 strength=strength, eta=eta).items():
             check_range(name, value, *SAMPLE_LIMITS[name])
@@ -1379,7 +1449,8 @@ class DiffusionModel(nn.Module):
         negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
         if len(negative) != len(prompts):
             raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
-        B, cfg, unet = len(prompts), self.config, self.inference_copy("unet")
+        precision = choose_precision(self.device, precision)
+        B, cfg, unet = len(prompts), self.config, self.inference_copy("unet", precision)
         generator = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
         shape = (B, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
         noise = torch.randn(shape, generator=generator).to(self.device)  # drawn on the CPU: same seed, same image anywhere
@@ -1413,23 +1484,26 @@ class DiffusionModel(nn.Module):
 
         was_training = self.training
         self.eval()
-        latents = self.scheduler.sample(model_fn, x, timesteps, sampler, eta, generator)
+        with precision.matmuls():
+            latents = self.scheduler.sample(model_fn, x, timesteps, sampler, eta, generator)
         self.train(was_training)
-        return to_pil(self.decode(latents))
+        return to_pil(self.decode(latents, precision.name))
 
-    def inference_copy(self, part):
-        """What sample() runs: "unet" (the EMA, else the raw UNet) or "decoder" (the VAE's), as a bf16 copy where the
-        device has bf16. Cast once instead of autocast re-casting every weight every step (bf16 halves the decode's
-        time too); the fp32 weights that train stay untouched. A copy is made again whenever a weight changed since
-        (every in-place update bumps a tensor's _version)."""
+    def inference_copy(self, part, precision):
+        """What sample() runs: "unet" (the EMA, else the raw UNet) or "decoder" (the VAE's), as a copy in the
+        precision's dtype: cast once instead of autocast re-casting every weight every step; the fp32 weights that
+        train stay untouched. An fp16 decoder overflows (full-resolution activations pass fp16's 65504), so under
+        fp16 it stays fp32. A copy is made again whenever a weight changed since (every in-place update bumps a
+        tensor's _version)."""
         module = self.vae.decoder if part == "decoder" else self.ema_unet if self.ema_unet is not None else self.unet
-        if not bf16_supported(self.device):
+        dtype = torch.float32 if part == "decoder" and precision.name == "fp16" else precision.dtype
+        if dtype == torch.float32:
             return module
-        version = (id(module), [p._version for p in module.parameters()])
+        version = (id(module), dtype, [p._version for p in module.parameters()])
         if part not in self.inference or self.inference[part][0] != version:
             with torch.device("meta"):  # built without weights: no fp32 copy is made and thrown away (peak memory)
                 copy = Decoder(self.config) if part == "decoder" else UNet(self.config, self.text_encoder.hidden_size)
-            copy = copy.to(torch.bfloat16).to_empty(device=self.device).requires_grad_(False).eval()
+            copy = copy.to(dtype).to_empty(device=self.device).requires_grad_(False).eval()
             copy.load_state_dict(module.state_dict())
             if self.compile_options is not None:
                 copy.compile(**self.compile_options)
@@ -1502,6 +1576,8 @@ def main(argv=None):
     p.add_argument("--num-images", type=int, default=1, help="images per prompt, >= 1")
     p.add_argument("--init-image", default=None, help="img2img: start from this image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the init image to repaint, in (0, 1]")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 where the device has bf16 units, fp16 on older GPUs, else fp32")
     args = p.parse_args(argv)
     try:  # every input checked before the model loads
         for flag, key, value in (("--steps", "steps", args.steps), ("--guidance", "guidance_scale", args.guidance),
@@ -1524,7 +1600,8 @@ def main(argv=None):
     images = model.sample([q for q in args.prompts for _ in range(args.num_images)], steps=args.steps,
                           sampler=args.sampler, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
                           guidance_interval=tuple(args.guidance_interval),
-                          negative_prompt=args.negative, seed=args.seed, init_image=args.init_image, strength=args.strength)
+                          negative_prompt=args.negative, seed=args.seed, init_image=args.init_image, strength=args.strength,
+                          precision=args.precision)
     # several images per prompt: one row per prompt
     (images[0] if len(images) == 1 else make_grid(images, cols=args.num_images if args.num_images > 1 else None)).save(args.out)
     print(f"wrote {args.out}")

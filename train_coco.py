@@ -61,7 +61,8 @@ def parser():
     a("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay")
     a("--ema", type=float, default=0.999, help="EMA decay of the UNet weights, in [0, 1) (0 = off); samples use the EMA")
     a("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty caption")
-    a("--precision", choices=["bf16", "fp32"], default=None, help="bf16 autocast (default where the device has it) or fp32")
+    a("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+      help="auto: bf16 where the device has bf16 units, fp16 with loss scaling on older GPUs, else fp32")
     a("--compile", action="store_true", help="torch.compile the UNet and VAE")
     a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
     a("--seed", type=int, default=0)
@@ -85,7 +86,7 @@ def parse_args(argv):
     stored = os.path.join(args.out, "run.json")
     if args.resume and os.path.isfile(stored):  # the run's own arguments, then whatever this command line adds
         with open(stored) as f:
-            p.set_defaults(**{k: v for k, v in json.load(f).items() if k not in ("resume", "out")})
+            p.set_defaults(**{k: v for k, v in json.load(f).items() if k not in ("resume", "out") and v is not None})
         args = p.parse_args(argv)
     limits = dict(vae_steps="steps", unet_steps="steps", vae_batch_size="batch_size", vae_lr="lr", workers="num_workers")
     try:  # every number checked before anything heavy loads
@@ -157,11 +158,11 @@ def main(argv=None):
             json.dump({k: v for k, v in vars(args).items() if k != "resume"}, f, indent=1)
     torch.manual_seed(args.seed + rank)
     model = mini_sd.DiffusionModel(cfg)
-    precision = args.precision or ("bf16" if mini_sd.bf16_supported(model.device) else "fp32")
-    log(f"preset {cfg.preset_name} on {model.device} x{world}, {precision}; {len(data)} images; VAE "
+    precision = mini_sd.choose_precision(model.device, args.precision)
+    log(f"preset {cfg.preset_name} on {model.device} x{world}, {precision.name} ({precision.reason}); {len(data)} images; VAE "
         f"{mini_sd.count_parameters(model.vae) / 1e6:.1f}M, UNet {mini_sd.count_parameters(model.unet) / 1e6:.1f}M params")
     common = dict(out=args.out, warmup=args.warmup, grad_accum=args.grad_accum, ema=args.ema, cfg_dropout=args.cfg_dropout,
-                  autocast=precision == "bf16", compile=args.compile, num_workers=args.workers, seed=args.seed,
+                  precision=args.precision, compile=args.compile, num_workers=args.workers, seed=args.seed,
                   save_every=args.save_every, keep=args.keep, sample_every=args.sample_every, log_every=args.log_every)
     resume = args.resume and (True if args.resume == "latest" else args.resume)
     if args.resume == "latest" and not mini_sd.list_checkpoints(args.out):

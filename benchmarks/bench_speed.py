@@ -152,7 +152,7 @@ CPU = torch.device("cpu")
 
 
 def autocast(dtype):  # the library's bf16 autocast for "bf16-autocast", a disabled one (plain fp32) otherwise
-    return mini_sd.bf16_autocast(CPU, enabled=dtype == "bf16-autocast")
+    return mini_sd.Precision("bf16" if dtype == "bf16-autocast" else "fp32", "").autocast(CPU)
 
 
 def measure_peak(warmup, rounds, n=2048):
@@ -481,8 +481,8 @@ def bench_sample(res, preset, cfg, batches, steps, guidance, warmup, rounds, see
     check_params("VAE decoder", model.vae.decoder, pipe.vae.decoder)
     pipe.scheduler.set_timesteps(steps)
     assert [int(t) for t in pipe.scheduler.timesteps] == list(model.scheduler.timesteps(steps)), "timesteps differ"
-    print(f"  sampling: mini_sd UNet {model.inference_copy('unet').conv_in.weight.dtype} (inference copy), VAE "
-          f"{model.inference_copy('decoder').conv_in.weight.dtype} (inference copy); diffusers StableDiffusionPipeline UNet {pipe.unet.dtype}, VAE "
+    print(f"  sampling: mini_sd UNet {model.inference_copy('unet', mini_sd.choose_precision(CPU, 'bf16')).conv_in.weight.dtype} (inference copy), VAE "
+          f"{model.inference_copy('decoder', mini_sd.choose_precision(CPU, 'bf16')).conv_in.weight.dtype} (inference copy); diffusers StableDiffusionPipeline UNet {pipe.unet.dtype}, VAE "
           f"{pipe.vae.dtype}; text: {cfg.text_encoder} on both sides; warm-up {warmup}, rounds {rounds}", flush=True)
     for batch in batches:
         prompts = coco_captions(batch, seed)
@@ -504,7 +504,7 @@ def profile_sample(cfg, batch, steps, guidance, seed, rounds, rows=10, tries=10)
 
     model, pipe = mini_sampler(cfg, seed), diffusers_pipeline(cfg)
     prompts, negative = coco_captions(batch, seed), [""] * batch
-    unet, sched = model.inference_copy("unet"), pipe.scheduler
+    unet, sched = model.inference_copy("unet", mini_sd.choose_precision(CPU, "bf16")), pipe.scheduler
     context, mask = model.text_encoder(negative + prompts)
     x = torch.randn(batch, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=torch.Generator().manual_seed(seed))
     t = model.scheduler.timesteps(steps)[1]  # a second step: the one where DPM++(2M) uses its history in diffusers

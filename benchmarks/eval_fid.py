@@ -72,7 +72,7 @@ RECIPES = {
     # (diffusers EMAModel's) the cap never acts in a run of under ~9,000 steps; 0.99 caps it from step ~890
     "ema-0.99": dict(config={}, vae={}, unet=dict(ema=0.99)),
     "ema-0.9999": dict(config={}, vae={}, unet=dict(ema=0.9999)),
-    "fp32": dict(config={}, vae=dict(autocast=False), unet=dict(autocast=False)),  # the peer's precision
+    "fp32": dict(config={}, vae=dict(precision="fp32"), unet=dict(precision="fp32")),  # the peer's precision
 }
 
 
@@ -265,7 +265,7 @@ def train_peer_unet(peer, data, steps, batch_size, lr, eval_steps, cfg_dropout=0
             seconds += time.time() - t0
             peer.ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
             ema.copy_to(peer.ema_unet.parameters())
-            if mini_sd.bf16_supported(peer.device):  # a bf16 copy samples, as in mini_sd and a bf16-loaded pipeline
+            if mini_sd.choose_precision(peer.device).name == "bf16":  # a bf16 copy samples, as in mini_sd and a bf16-loaded pipeline
                 peer.ema_unet.to(torch.bfloat16)
             yield step, seconds
             t0 = time.time()
