@@ -13,7 +13,6 @@ import textwrap
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 import pickle
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -42,6 +41,10 @@ def tiny_model(seed=0, **overrides):
     model = DiffusionModel(Config.preset("tiny", **overrides))
     model.vae.scaling_factor.fill_(1.0)
     return model
+
+
+def trainer(model, **kwargs):  # the optimiser step alone, outside train()'s loop
+    return mini_sd.Trainer(model, mini_sd.TrainConfig(**{"steps": 10, "batch_size": 2, "lr": 1e-3, **kwargs}))
 
 
 def randomise_output(model):  # zero-initialised output layers make an untrained UNet ignore its input: wake them
@@ -314,11 +317,11 @@ def test_shapes_dataset_is_in_coco_layout(shapes, dataset):
     assert {"id", "file_name", "height", "width"} <= set(coco["images"][0])
     assert {"id", "image_id", "caption"} <= set(coco["annotations"][0])
     assert len(coco["images"]) == len(dataset) == 16 and len(coco["annotations"]) == 48
-    image, caption = dataset[0]
+    image, captions = dataset[0]
     assert image.shape == (3, 32, 32) and -1 <= image.min() < image.max() <= 1
-    assert caption in {a["caption"] for a in coco["annotations"] if a["image_id"] == coco["images"][0]["id"]}
+    assert captions == [a["caption"] for a in coco["annotations"] if a["image_id"] == coco["images"][0]["id"]]
     # the shape is drawn where the caption says: its pixels sit in that quadrant
-    image, caption = dataset[1]
+    image, (caption, *_) = dataset[1]
     dark = (image.mean(0) < 0.6).float()
     ys, xs = torch.nonzero(dark, as_tuple=True)
     cy, cx = ys.float().mean() / 32, xs.float().mean() / 32
@@ -357,11 +360,10 @@ def test_corrupt_images_are_skipped_and_counted(shapes, tmp_path):
         open(victims[1], "wb").write(backup[1][: len(backup[1]) // 3])  # truncated JPEG
         with pytest.warns(UserWarning, match="skipping unreadable image"):
             batch = [data[i] for i in range(len(data))]
-        assert len(batch) == len(data) and len(data.skipped) == 2 and set(data.skipped) == set(victims)
-        loader = torch.utils.data.DataLoader(data, batch_size=8)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            assert sum(len(c) for _, c in loader) == 16  # a whole epoch, no crash
+        assert [image is None for image, _ in batch[:3]] == [True, True, False] and batch[0][1] == data.items[0][1]
+        assert len(data.skipped) == 2 and set(data.skipped) == set(victims)
+        images, captions = mini_sd.collate_readable(batch)  # what train()'s loaders do with them
+        assert images.shape == (14, 3, 32, 32) and captions == [caps for _, caps in data.items[2:]]
     finally:
         for p, b in zip(victims, backup):
             open(p, "wb").write(b)
@@ -422,12 +424,16 @@ def test_vae_training_improves_reconstruction_and_sets_the_scale(dataset):
         model.train(dataset, stage="text")
 
 
+def eight_latents(model, dataset):  # a Subset of 8 images, their latents and first captions, the scale measured on them
+    eight = torch.utils.data.Subset(dataset, range(8))
+    model.calibrate(eight)
+    images = torch.stack([eight[i][0] for i in range(8)])
+    return eight, images, model.encode(images), [eight[i][1][0] for i in range(8)]
+
+
 def test_unet_loss_falls_when_overfitting(dataset):
     model = tiny_model()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=8)
-    model.calibrate(loader)
-    images, captions = next(iter(loader))
-    latents = model.encode(images)
+    eight, _, latents, captions = eight_latents(model, dataset)
 
     def fixed_loss():  # the same noise and timesteps before and after
         torch.manual_seed(123)
@@ -435,7 +441,7 @@ def test_unet_loss_falls_when_overfitting(dataset):
             return sum(model(latents, captions).item() for _ in range(8)) / 8
 
     before = fixed_loss()
-    model.train([(latents, captions)] * 2, stage="unet", steps=80, lr=2e-3, warmup=5, batch_size=8, ema=0.9)
+    model.train(eight, stage="unet", steps=80, lr=2e-3, warmup=5, batch_size=8, ema=0.9)
     after = fixed_loss()
     assert after < 0.7 * before, (before, after)
     assert model.ema_unet is not None
@@ -446,23 +452,22 @@ def test_unet_loss_falls_when_overfitting(dataset):
 
 def test_bf16_step_keeps_fp32_weights_and_loss():
     model = tiny_model()
-    trainer = mini_sd.Trainer(model, "unet", steps=10, lr=1e-3, ema=0.0, precision="bf16")
-    with trainer.precision.autocast(model.device):
+    step = trainer(model, ema=0.0, precision="bf16")
+    with step.precision.autocast(model.device):
         loss = model(torch.randn(4, 4, 8, 8), [CAPTION] * 4)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     before = model.unet.conv_in.weight.clone()
-    value = trainer.step([(torch.randn(4, 4, 8, 8), [CAPTION] * 4)])
+    value = step.step([(torch.randn(4, 4, 8, 8), [CAPTION] * 4)])
     assert math.isfinite(value)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not torch.equal(before, model.unet.conv_in.weight)  # it did step
-    assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.opt.state.values())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in step.opt.state.values())
 
 
 def test_nan_loss_stops_training():
     model = tiny_model()
-    trainer = mini_sd.Trainer(model, "unet", steps=10, ema=0.0)
     with pytest.raises(FloatingPointError, match="loss is nan"):
-        trainer.step([(torch.full((2, 4, 8, 8), float("nan")), [CAPTION] * 2)])
+        trainer(model, ema=0.0).step([(torch.full((2, 4, 8, 8), float("nan")), [CAPTION] * 2)])
 
 
 def test_zero_graph_breaks():
@@ -478,8 +483,7 @@ def test_zero_graph_breaks():
 def test_compiled_model_trains_and_saves_without_prefixes(tmp_path):
     model = tiny_model()
     model.compile(backend="aot_eager")  # dynamo + autograd tracing without a C++ build: fast on CI
-    trainer = mini_sd.Trainer(model, "unet", steps=2, ema=0.99)
-    assert math.isfinite(trainer.step([(torch.randn(2, 4, 8, 8), [CAPTION] * 2)]))
+    assert math.isfinite(trainer(model, steps=2, ema=0.99).step([(torch.randn(2, 4, 8, 8), [CAPTION] * 2)]))
     model.save(tmp_path / "a")
     wrapped = torch.compile(model, backend="aot_eager")
     assert any(k.startswith("_orig_mod.") for k in wrapped.state_dict())
@@ -514,23 +518,26 @@ def test_sampling_is_deterministic_per_seed(awake_model, sampler):
 
 
 def test_guidance_formula_order_and_rescale(awake_model, monkeypatch):
-    """The guided output is uncond + g (cond - uncond), with the negative prompt as the unconditional half."""
-    captured = {}
+    """The guided output is uncond + g (cond - uncond), with the negative prompt as the unconditional half; guidance
+    rescale matches each image's own std, so the batch holds images of different stds."""
+    captured, prompts, negative = {}, [CAPTION, "a blue square"], ["a green square", "a yellow circle"]
     monkeypatch.setattr(awake_model.scheduler, "sample", lambda fn, x, *a: captured.setdefault(len(captured), fn) and x)
     for kwargs in (dict(guidance_scale=20.0), dict(guidance_scale=20.0, guidance_rescale=0.7)):
-        awake_model.sample([CAPTION], steps=4, seed=0, negative_prompt="a green square", **kwargs)
-    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), 500
+        awake_model.sample(prompts, steps=4, seed=0, negative_prompt=negative, **kwargs)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * torch.tensor([1.0, 4.0])[:, None, None, None], 500
 
-    def out(prompt):
-        context, mask = awake_model.text_encoder([prompt])
+    def out(texts):
+        context, mask = awake_model.text_encoder(texts)
         with mini_sd.choose_precision(awake_model.device).autocast(awake_model.device):  # what sample() runs in
-            return awake_model.unet(x, torch.tensor([t]), context, mask).float()
+            return awake_model.unet(x, torch.tensor([t, t]), context, mask).float()
 
-    cond, uncond = out(CAPTION), out("a green square")
+    cond, uncond = out(prompts), out(negative)
     assert (cond - uncond).abs().mean() > 0.01  # swapped halves would be 40 x this away
     guided = uncond + 20.0 * (cond - uncond)
     assert torch.allclose(captured[0](x, t), guided, atol=0.02 * guided.abs().max().item())
-    rescaled = 0.7 * guided * cond.std() / guided.std() + 0.3 * guided
+    std = lambda v: v.std(dim=(1, 2, 3), keepdim=True)  # per image
+    rescaled = 0.7 * guided * std(cond) / std(guided) + 0.3 * guided
+    assert (std(cond).flatten() / std(guided).flatten()).diff().abs() > 0.01  # a batch-wide std would differ
     assert torch.allclose(captured[1](x, t), rescaled, atol=0.02 * rescaled.abs().max().item())
     assert not torch.allclose(rescaled, guided, atol=0.1 * guided.abs().max().item())
 
@@ -646,6 +653,16 @@ def test_to_device_and_default_device():
 # -- the paths users take: notebook, torchrun on NCCL, other devices ------------------------
 
 
+def readme_example(test_sizes=True):  # the README's API example, at test sizes: tiny preset, 16 images, 4 steps
+    readme = open(os.path.join(os.path.dirname(mini_sd.__file__), "README.md"), encoding="utf-8").read()
+    example = readme.split("## The API in ten lines")[1].split("```python")[1].split("```")[0]
+    for old, new in (('"small"', '"tiny"'), ("n=2000", "n=16"), ("image_size=64", "image_size=32"), ("steps=25", "steps=2"),
+                     ('stage="vae",', 'stage="vae", steps=4, batch_size=8,'),
+                     ('stage="unet",', 'stage="unet", steps=4, batch_size=8,')) if test_sizes else ():
+        example = example.replace(old, new)
+    return example
+
+
 def test_pasting_the_file_into_a_notebook_cell_defines_everything_and_runs_nothing(monkeypatch, tmp_path):
     source = open(mini_sd.__file__, encoding="utf-8").read()
     monkeypatch.setattr("sys.argv", ["/usr/lib/python3/site-packages/ipykernel_launcher.py", "-f",
@@ -654,16 +671,10 @@ def test_pasting_the_file_into_a_notebook_cell_defines_everything_and_runs_nothi
     cell = {"__name__": "__main__"}  # what a Jupyter or Colab cell runs in: no __file__, the kernel's argv
     exec(compile(source, "<ipython-input-1>", "exec"), cell)
     assert "DiffusionModel" in cell and "Config" in cell
-    readme = open(os.path.join(os.path.dirname(mini_sd.__file__), "README.md"), encoding="utf-8").read()
-    example = readme.split("## The API in ten lines")[1].split("```python")[1].split("```")[0]
+    example = readme_example(test_sizes=False)
     assert "out=" in example and "resume=True" in example
     assert textwrap.indent(example.strip(), "    ") in mini_sd.__doc__  # the module docstring shows the same example
-    for old, new in (('"small"', '"tiny"'), ("n=2000", "n=16"), ("image_size=64", "image_size=32"),
-                     ("steps=25", "steps=2")):
-        example = example.replace(old, new)
-    example = example.replace('stage="vae",', 'stage="vae", steps=4, batch_size=8,').replace(
-        'stage="unet",', 'stage="unet", steps=4, batch_size=8,')
-    exec(compile(example.replace("from mini_sd import", "# from mini_sd import"), "<ipython-input-2>", "exec"), cell)
+    exec(compile(readme_example().replace("from mini_sd import", "# from mini_sd import"), "<ipython-input-2>", "exec"), cell)
     assert os.path.isfile(tmp_path / "red_circle.png") and list((tmp_path / "runs").iterdir())
 
 
@@ -672,7 +683,7 @@ class FakeNCCL:
     CPU and remembered, so the collectives can check where their tensors were meant to live."""
 
     def __init__(self, monkeypatch):
-        self.cuda_tensors, self.calls = set(), []
+        self.cuda_tensors, self.calls, self.other = set(), [], None  # other: rank 1's numbers in a loss all-reduce
         real_tensor = torch.tensor
 
         def tensor(data, *args, device=None, **kwargs):
@@ -687,25 +698,39 @@ class FakeNCCL:
                          ("all_gather_object", self.all_gather_object)):
             monkeypatch.setattr(torch.distributed, name, fn)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-        monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda module: module)
+        monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda module, **kw: module)
 
     def all_reduce(self, t, op=None):
         self.calls.append(("all_reduce", id(t) in self.cuda_tensors))
+        if self.other is not None and t.numel() == len(self.other):
+            t += torch.tensor(self.other, dtype=t.dtype)
 
     def all_gather_object(self, out, obj):  # torch moves the pickled bytes to the current CUDA device itself
         self.calls.append(("all_gather_object", True))
-        out[:] = [obj] * len(out)
+        out[:] = [obj, {"rank 1's": "object"}]  # each rank's own, in rank order
+
+
+class InMemory(torch.utils.data.Dataset):  # a dataset that is not files: its latents are encoded by every process
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
 
 
 def test_every_collective_uses_the_backends_device(dataset, tmp_path, monkeypatch):
     model = tiny_model()
     fake = FakeNCCL(monkeypatch)
     assert mini_sd.dist_device() == torch.device("cuda", 0)
-    model.train(dataset, stage="vae", steps=2, batch_size=4, out=tmp_path, save_every=1)
-    model.train(dataset, stage="unet", steps=2, batch_size=4, out=tmp_path, save_every=1, sample_every=100)
+    model.train(InMemory(dataset), stage="vae", steps=2, batch_size=4, out=tmp_path, save_every=1)
+    model.train(InMemory(dataset), stage="unet", steps=2, batch_size=4, out=tmp_path, save_every=1, sample_every=100)
     reduces = [on_cuda for name, on_cuda in fake.calls if name == "all_reduce"]
-    assert len(reduces) >= 6 and all(reduces), fake.calls  # stop flags and barriers, each on the CUDA device
-    assert any(name == "all_gather_object" for name, _ in fake.calls)  # RNG states and latent-cache shards
+    assert len(reduces) >= 6 and all(reduces), fake.calls  # losses, stop flags and barriers, each on the CUDA device
+    state = torch.load(tmp_path / "ckpt-unet-0000002" / "trainer.pt", weights_only=True)
+    assert state["rng"][1] == {"rank 1's": "object"} and set(state["rng"][0]) >= {"torch", "python"}  # in rank order
     monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
     assert mini_sd.dist_device() == torch.device("cpu")
 
@@ -726,13 +751,17 @@ def test_checkpoints_hold_every_rng(monkeypatch):
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2] and restored == [cuda_state]
 
 
-def test_quick_start_preset_on_a_gpu(monkeypatch):
+def test_quick_start_preset_on_a_gpu(monkeypatch, tmp_path):
     import train_coco
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU without COCO: still the quick shapes run
+    monkeypatch.chdir(tmp_path)
     args = train_coco.parse_args([])
-    assert train_coco.make_config(args, have_coco=False).preset_name == "small"
-    assert train_coco.make_config(args, have_coco=True).preset_name == "base"
+    assert train_coco.load_data(args, rank=0)[1] == "small"
+    os.makedirs("coco/train2017")
+    os.makedirs("coco/annotations")
+    open("coco/annotations/captions_train2017.json", "w").close()
+    assert train_coco.load_data(args, rank=0)[1] == "base" and train_coco.make_config(args, "base").preset_name == "base"
 
 
 def test_attention_takes_the_fused_kernel_everywhere_but_cpu_bf16_training():
@@ -758,12 +787,12 @@ def fake_cpu(monkeypatch, amx=False, avx512_bf16=False):
 def dtype_of_a_training_step(precision):
     """Run one real UNet training step on this CPU under `precision` -> (dtype a convolution ran in, scaler on?)."""
     model = tiny_model()
-    trainer = mini_sd.Trainer(model, "unet", steps=10, ema=0.0, precision=precision)
+    step = trainer(model, ema=0.0, precision=precision)
     seen = []
     hook = model.unet.conv_in.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    trainer.step([(torch.randn(2, 4, 8, 8), [CAPTION] * 2)])
+    step.step([(torch.randn(2, 4, 8, 8), [CAPTION] * 2)])
     hook.remove()
-    return seen[0], trainer.scaler.is_enabled()
+    return seen[0], step.scaler.is_enabled()
 
 
 @pytest.mark.parametrize("device, fake, expected", [
@@ -812,15 +841,15 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale():
     the EMA as they were."""
     model = tiny_model()
     randomise_output(model)
-    trainer = mini_sd.Trainer(model, "unet", steps=10, ema=0.9, precision="fp16")
+    step = trainer(model, ema=0.9, precision="fp16", warmup=5)
     batch = [(torch.randn(2, 4, 8, 8), [CAPTION] * 2)]
-    trainer.step(batch)  # 2^16: room to spare
-    assert not trainer.skipped and trainer.scaler.get_scale() == 2.0**16
+    step.step(batch)  # 2^16: room to spare
+    assert not step.skipped and step.scaler.get_scale() == 2.0**16
     weights, ema = ([p.clone() for p in m.parameters()] for m in (model.unet, model.ema_unet))
     assert not all(torch.equal(p, w) for p, w in zip(weights, ema))  # the EMA lags the weights now
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # fp16 gradients scaled by 2^60 overflow
-    assert math.isfinite(trainer.step(batch)) and trainer.skipped
-    assert trainer.scaler.get_scale() == 2.0**59 and trainer.step_count == 2 and trainer.sched.last_epoch == 2
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # fp16 gradients scaled by 2^60 overflow
+    assert math.isfinite(step.step(batch)) and step.skipped
+    assert step.scaler.get_scale() == 2.0**59 and step.step_count == 2 and step.lr == pytest.approx(3e-3 / 5)
     assert all(torch.equal(p, w) for p, w in zip(model.unet.parameters(), weights))
     assert all(torch.equal(p, w) for p, w in zip(model.ema_unet.parameters(), ema))
 
@@ -908,7 +937,7 @@ def test_train_refuses_empty_data_and_bad_numbers(dataset, tmp_path):
     model = tiny_model()
     with pytest.raises(ValueError, match="empty"):
         model.train(torch.utils.data.Subset(dataset, []), stage="vae", steps=2)
-    with pytest.raises(ValueError, match="the data is empty"):
+    with pytest.raises(TypeError, match=r"data must be a Dataset of \(image, caption or captions\), not list"):
         model.train([], stage="unet", steps=2)
     with pytest.raises(ValueError, match="fewer than one batch of 32"):
         model.train(dataset, stage="vae", steps=2, batch_size=32)
@@ -968,10 +997,10 @@ def test_api_resume_after_sigint_gives_the_same_losses(dataset, tmp_path, monkey
     real_step = mini_sd.Trainer.step
 
     def step_then_ctrl_c(self, batches):
-        loss = real_step(self, batches)
-        if self.stage == "unet" and self.step_count == 3:
+        result = real_step(self, batches)
+        if self.tc.stage == "unet" and self.step_count == 3:
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C in a terminal or a notebook's interrupt would
-        return loss
+        return result
 
     monkeypatch.setattr(mini_sd.Trainer, "step", step_then_ctrl_c)
     before = signal.getsignal(signal.SIGINT)  # Python's default_int_handler, or SIG_IGN in a job started in the background
@@ -983,15 +1012,15 @@ def test_api_resume_after_sigint_gives_the_same_losses(dataset, tmp_path, monkey
     monkeypatch.setattr(mini_sd.Trainer, "step", real_step)
     resumed = both(tmp_path / "cut")  # the same call again: a Colab user re-running the cell
     assert losses(tmp_path / "cut") == losses(tmp_path / "full") and len(losses(tmp_path / "full")) == 18
-    assert torch.equal(resumed.unet.conv_in.weight, DiffusionModel.load(tmp_path / "full").unet.conv_in.weight)
+    full = DiffusionModel.load(tmp_path / "full")
+    for name in ("unet", "ema_unet"):  # the weights, and the EMA that sampling uses
+        assert all(torch.equal(a, b) for a, b in zip(getattr(resumed, name).state_dict().values(),
+                                                     getattr(full, name).state_dict().values())), name
 
 
 def test_flow_objective_trains(dataset):
     model = tiny_model(prediction_type="flow", timestep_density="logit_normal")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=8)
-    model.calibrate(loader)
-    images, captions = next(iter(loader))
-    latents = model.encode(images)
+    eight, images, latents, captions = eight_latents(model, dataset)
 
     def fixed_loss():
         torch.manual_seed(123)
@@ -999,7 +1028,7 @@ def test_flow_objective_trains(dataset):
             return sum(model(latents, captions).item() for _ in range(8)) / 8
 
     before = fixed_loss()
-    model.train([(latents, captions)] * 2, stage="unet", steps=60, lr=2e-3, warmup=5, batch_size=8, ema=0.9)
+    model.train(eight, stage="unet", steps=60, lr=2e-3, warmup=5, batch_size=8, ema=0.9)
     assert fixed_loss() < 0.7 * before
     images = model.sample([CAPTION], steps=4, seed=0, init_image=images[:1], strength=0.5)  # img2img, guidance
     assert images[0].size == (32, 32)
@@ -1039,3 +1068,118 @@ def test_sampling_runs_a_bf16_copy_made_once_and_leaves_the_fp32_weights(monkeyp
     exact = pixels(model.sample([CAPTION, "a blue square"], steps=4, seed=0, precision="fp32"))
     assert model.inference_copy("unet", mini_sd.choose_precision("cpu", "fp32")) is model.unet  # fp32: no copy
     assert (fast - exact).abs().mean() < 2.0  # of 255: bf16 UNet and decoder change a pixel by about a level
+
+
+# -- scale-out: config checks, data protocol, resume with new arguments, processes ------------------
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(num_heads=3), r"num_heads \(3\) must divide every channel count it splits, got \(64,\)"),
+    (dict(norm_num_groups=24), r"norm_num_groups \(24\) must divide every channel count it splits, got \(32, 64\)"),
+    (dict(vae_channels=(12, 24, 24)), r"norm_num_groups \(the VAE's 8\) must divide every channel count it splits"),
+    (dict(attention_levels=(True,)), "attention_levels needs one entry per block_out_channels entry"),
+    (dict(layers_per_block=0), "layers_per_block must be a whole number >= 1, got 0"),
+    (dict(image_size=36), "image_size 36 does not divide by the VAE and UNet downsampling"),
+])
+def test_config_is_checked_when_built(fields, message):
+    """What the UNet and VAE assume fails at Config(...), naming the field, not at the first forward after a VAE stage."""
+    with pytest.raises(ValueError, match=message):
+        Config.preset("tiny", **fields)
+
+
+def test_the_process_group_and_device_that_torchrun_asks_for(monkeypatch):
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: bool(calls))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.append(backend))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("threads", n)))
+    assert mini_sd.init_distributed() == (1, 2) and calls == [("threads", max(1, (os.cpu_count() or 1) // 2)), "gloo"]
+    assert mini_sd.init_distributed() == (1, 2) and len(calls) == 2  # made once
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(device))
+    assert mini_sd.default_device() == torch.device("cuda", 1)  # this process's own GPU, not every rank on cuda:0
+    mini_sd.init_distributed()
+    assert calls == [torch.device("cuda", 1), "nccl"]
+
+
+def test_the_logged_loss_is_the_mean_over_processes(monkeypatch):
+    batch = [(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), [CAPTION] * 2)]
+    torch.manual_seed(5)
+    alone = trainer(tiny_model(), ema=0.0).step(batch)
+    fake = FakeNCCL(monkeypatch)
+    fake.other = [3.0, 0.0]  # the other process's loss, and its loss is finite
+    torch.manual_seed(5)
+    assert trainer(tiny_model(), ema=0.0).step(batch) == pytest.approx((alone + 3.0) / 2, rel=1e-6)
+    fake.other = [float("nan"), 1.0]  # its loss is not: both stop before stepping
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0 on 1 of 2 processes"):
+        trainer(tiny_model(), ema=0.0).step(batch)
+
+
+def test_resume_applies_a_new_lr_and_steps_and_refuses_a_new_batch_order(dataset, tmp_path, capsys):
+    run = dict(stage="unet", batch_size=8, warmup=1, save_every=2, keep=10, sample_every=100)
+    tiny_model().train(dataset, steps=4, lr=1e-3, out=tmp_path / "a", **run)
+    lrs = lambda out: [float(r["lr"]) for r in csv.DictReader(open(out / "loss.csv"))]
+    shutil.copytree(tmp_path / "a" / "ckpt-unet-0000002", tmp_path / "b" / "ckpt-unet-0000002")
+    tiny_model().train(dataset, steps=4, lr=1e-2, out=tmp_path / "b", resume=True, **run)
+    assert "resumed with lr=0.01 (the checkpoint had 0.001): applied" in capsys.readouterr().out
+    assert lrs(tmp_path / "b") == pytest.approx([1e-2 * mini_sd.lr_factor(s, 4, 1) for s in (3, 4)], rel=1e-3)
+    with pytest.raises(ValueError, match=r"ckpt-unet-0000004 was trained with batch_size=8, this run has batch_size=4"):
+        tiny_model().train(dataset, steps=4, lr=1e-3, out=tmp_path / "a", resume=True, **{**run, "batch_size": 4})
+    model = tiny_model()  # a finished stage, extended: the cosine is stretched to the new end
+    model.train(dataset, steps=6, lr=1e-3, out=tmp_path / "a", resume=True, **run)
+    assert "the cosine now ends at step 6" in capsys.readouterr().out and len(lrs(tmp_path / "a")) == 6
+    assert lrs(tmp_path / "a")[4:] == pytest.approx([1e-3 * mini_sd.lr_factor(s, 6, 1) for s in (5, 6)], rel=1e-3)
+
+
+def test_every_dataset_trains_through_one_path(dataset, shapes, tmp_path):
+    model = tiny_model()
+    part = torch.utils.data.Subset(dataset, range(2, 10))
+    cache = model.latent_cache(part, tmp_path)
+    assert cache.index.tolist() == list(range(8)) and cache.captions == [dataset.items[i][1] for i in range(2, 10)]
+    assert len(cache.captions[0]) == 3 and len(os.listdir(tmp_path / "cache")) == 1  # every caption; on disk
+    theirs = model.latent_cache(InMemory(part), tmp_path)  # a dataset of the user's own: the same latents, in memory
+    assert torch.equal(theirs.latents(range(8)), cache.latents(range(8))) and len(os.listdir(tmp_path / "cache")) == 1
+    os.utime(dataset.items[3][0], ns=(1, 1))  # an image rewritten in place: a new key, encoded again
+    assert model.latent_cache(part, tmp_path) is not cache and len(os.listdir(tmp_path / "cache")) == 2
+    with pytest.raises(ValueError, match=r"the data's images are \(3, 16, 16\), the model's config wants \(3, 32, 32\)"):
+        model.train(mini_sd.CocoCaptions(*shapes, image_size=16), stage="vae", steps=1)
+    with pytest.raises(TypeError, match="pass the DataLoader's dataset"):
+        model.train(torch.utils.data.DataLoader(dataset, batch_size=4), stage="vae", steps=1)
+    captions = []  # the UNet stage draws among all of an image's captions, step after step
+    model.text_encoder.remember = lambda caps: None
+    real = model.text_encoder.forward
+    model.text_encoder.forward = lambda caps: captions.extend(caps) or real(caps)
+    model.train(part, stage="unet", steps=6, batch_size=8, cfg_dropout=0.0)
+    assert len({c for c in captions if c in dataset.items[2][1]}) > 1
+
+
+def test_image_folders_in_both_layouts(tmp_path):
+    from PIL import Image
+
+    for layout in ("jsonl", "txt"):
+        root = tmp_path / layout
+        os.makedirs(root / "sub")
+        rows = []
+        for i, name in enumerate(["a.png", "sub/b.jpg", "c.png"]):
+            Image.new("RGB", (40, 30), (i * 100, 0, 0)).save(root / name)
+            rows.append({"file_name": name, "text": [f"red {i}", f"dark {i}"] if i == 1 else f"red {i}"})
+            if layout == "txt" and i < 2:  # c.png has no caption file: not an item
+                (root / name).with_suffix(".txt").write_text("\n".join(rows[-1]["text"]) if i == 1 else rows[-1]["text"])
+        if layout == "jsonl":
+            (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
+        data = mini_sd.ImageFolder(root, 32)
+        assert [caps for _, caps in data.items] == [["red 0"], ["red 1", "dark 1"]]
+        assert data[1][0].shape == (3, 32, 32) and data[1][0][0].mean() > data[0][0][0].mean()  # red 100 vs 0
+    (tmp_path / "jsonl" / "metadata.jsonl").write_text('{"file_name": "../../etc/passwd", "text": "x"}\n')
+    with pytest.raises(ValueError, match="escapes"):
+        mini_sd.ImageFolder(tmp_path / "jsonl", 32)
+    (tmp_path / "jsonl" / "metadata.jsonl").write_text('{"file": "a.png"}\n')
+    with pytest.raises(ValueError, match="metadata.jsonl line 1: not a JSON object with file_name and text"):
+        mini_sd.ImageFolder(tmp_path / "jsonl", 32)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="empty .*has no captioned images"):
+        mini_sd.ImageFolder(tmp_path / "empty", 32)

@@ -18,7 +18,7 @@ import mini_sd
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
 RUN = ["--preset", "tiny", "--vae-steps", "12", "--unet-steps", "30", "--batch-size", "8", "--warmup", "5",
-       "--save-every", "6", "--keep", "20", "--sample-every", "30", "--log-every", "5", "--workers", "1"]
+       "--save-every", "6", "--keep", "20", "--sample-every", "30", "--log-every", "5", "--workers", "1", "--shapes-n", "48"]
 
 
 def train(tmp, *args, cwd=None, check=True, timeout=300):
@@ -38,7 +38,7 @@ def losses(out):
 def full_run(tmp_path_factory):
     """The default command at the tiny preset, uninterrupted: no COCO here, so it builds shapes and trains."""
     tmp = tmp_path_factory.mktemp("full")
-    p = train(tmp, *RUN, "--shapes-n", "48", "--out", "out")
+    p = train(tmp, *RUN, "--out", "out")
     return tmp, p
 
 
@@ -84,7 +84,7 @@ def test_resume_continues_exactly(full_run):
     shutil.copytree(tmp / "out" / "ckpt-vae-0000006", tmp / "resumed" / "ckpt-vae-0000006")
     shutil.copy(tmp / "out" / "loss.csv", tmp / "resumed" / "loss.csv")
     p = train(tmp, *RUN, "--out", "resumed", "--resume")
-    assert "resumed resumed/ckpt-vae-0000006 (vae step 6)" in p.stdout
+    assert "resumed resumed/ckpt-vae-0000006 (vae step 6," in p.stdout
     assert losses(tmp / "resumed") == losses(tmp / "out")
 
 
@@ -142,7 +142,7 @@ def test_torchrun_two_processes_on_cpu(full_run):
     tmp, _ = full_run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(HERE, "train_coco.py"), "--preset", "tiny", "--vae-steps", "4", "--unet-steps", "6",
-           "--batch-size", "4", "--save-every", "3", "--sample-every", "6", "--workers", "0", "--out", "ddp"]
+           "--batch-size", "4", "--save-every", "3", "--sample-every", "6", "--workers", "0", "--shapes-n", "48", "--out", "ddp"]
     p = subprocess.run(cmd, cwd=tmp, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "x2" in p.stdout and p.stdout.count("saved ddp/ckpt-unet-0000006") == 1  # rank 0 alone logs and saves
@@ -220,7 +220,7 @@ def test_numbers_are_checked_before_anything_loads(tmp_path, flags, message):
     (["--num-images", "0"], "--num-images must be >= 1, got 0"),
     (["--strength", "1.5", "--init-image", __file__], "--strength must be in (0, 1], got 1.5"),
     (["--out", "nodir/x.png"], "--out nodir/x.png: the folder"),
-    (["--guidance-interval", "0.8", "0.2"], "--guidance-interval 0.8 0.2: need 0 <= LOW <= HIGH <= 1"),
+    (["--guidance-interval", "0.8", "0.2"], "--guidance-interval must be (low, high) with 0 <= low <= high <= 1"),
 ])
 def test_generation_cli_checks_input_before_loading(full_run, tmp_path, flags, message):
     tmp, _ = full_run
@@ -249,10 +249,69 @@ def test_checkpoints_move_between_the_api_and_the_cli(full_run, tmp_path):
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(full_run, tmp_path):
     tmp, _ = full_run
-    p = train(tmp, "--preset", "tiny", "--vae-steps", "0", "--resume", str(tmp / "out" / "ckpt-vae-0000012"),
+    p = train(tmp, "--preset", "tiny", "--shapes-n", "48", "--vae-steps", "0", "--resume", str(tmp / "out" / "ckpt-vae-0000012"),
               "--unet-steps", "200", "--lr", "1e12", "--warmup", "1", "--batch-size", "8", "--save-every", "1",
               "--workers", "0", "--out", str(tmp_path / "nan"), check=False)
     assert p.returncode == 2 and "loss is" in p.stderr and "last good checkpoint is" in p.stderr, p.stderr[-2000:]
     last = p.stderr.split("last good checkpoint is ")[1].split(";")[0]
     model = mini_sd.DiffusionModel.load(last)  # loads, and its weights are finite
     assert all(mini_sd.torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+CHILD = """
+import datetime, functools, hashlib, json, os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {here!r})
+import mini_sd
+from mini_sd import Config, DiffusionModel, CocoCaptions, make_shapes_dataset
+dist.init_process_group = functools.partial(dist.init_process_group, timeout=datetime.timedelta(seconds=30))  # no long hang
+rank = int(os.environ["RANK"])
+torch.manual_seed(rank)  # each process starts from weights of its own: DDP must make them one
+exec({head!r})  # the README's API example, as written, but for its last line
+digest = lambda m: hashlib.sha256(b"".join(v.numpy().tobytes() for v in m.state_dict().values())).hexdigest()
+result = dict(unet=digest(model.unet), ema=digest(model.ema_unet), index=model.latents[1].index.tolist())
+exec({last!r})  # save() on rank 0, the other waiting; load() on both
+
+
+class NaNOnRank1(torch.utils.data.Dataset):  # rank 1's third batch holds a NaN image: its loss alone is NaN
+    def __init__(self, data):
+        self.data, self.calls = data, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        image, captions = self.data[i]
+        return (image * float("nan") if rank == 1 and self.calls > 20 else image), captions
+
+
+fresh = DiffusionModel("tiny")
+try:  # as a notebook would: the error is caught, the process lives on
+    fresh.train(NaNOnRank1(data), stage="vae", steps=6, batch_size=8, save_every=1, out="nan-run")
+except FloatingPointError as e:
+    result["nan"] = str(e)
+    result["unchanged"] = digest(fresh.vae) == digest(DiffusionModel.load(str(e).split("checkpoint is ")[1]).vae)
+json.dump(result, open(f"result-{{rank}}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_the_readme_api_under_torchrun_trains_one_model_and_stops_together(tmp_path):
+    """The README's API under torchrun with 2 processes (gloo): bit-identical weights and EMA, every image once in
+    the sharded latent cache; a NaN on rank 1 alone stops both before the step, with one error and checkpoint."""
+    from test_mini_sd import readme_example
+
+    head, last = readme_example().strip().rsplit("\n", 1)
+    (tmp_path / "child.py").write_text(CHILD.format(here=HERE, head=head, last=last))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "child.py"]
+    p = subprocess.run(cmd, cwd=tmp_path, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    r0, r1 = (json.load(open(tmp_path / f"result-{r}.json")) for r in (0, 1))
+    assert r0["unet"] == r1["unet"] and r0["ema"] == r1["ema"]  # one model, bit for bit
+    assert r0["index"] == r1["index"] == list(range(16))  # the cache holds every image once
+    (key,) = os.listdir(tmp_path / "runs" / "api" / "cache")
+    assert sorted(os.listdir(tmp_path / "runs" / "api" / "cache" / key)) == [f"shard-{r}-of-2.safetensors" for r in (0, 1)]
+    assert r0["nan"] == r1["nan"] and "loss is nan at step 2 on 1 of 2 processes" in r0["nan"], (r0, r1)
+    assert r0["nan"].endswith(os.path.join("nan-run", "ckpt-vae-0000002")) and r0["unchanged"] and r1["unchanged"]
+    assert p.stdout.count("saved runs/api/ckpt-unet-0000004") == 1  # rank 0 alone logs

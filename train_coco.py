@@ -5,6 +5,7 @@ trains the `small` preset on the synthetic shapes dataset (same layout), on any 
 
     python train_coco.py                                   # ./coco if there (base preset), else shapes (small)
     python train_coco.py --coco-dir /data/coco --set text_encoder=openai/clip-vit-base-patch32
+    python train_coco.py --data my_images/                 # your own: metadata.jsonl, or a .txt beside each image
     torchrun --nproc_per_node 8 train_coco.py --coco-dir /data/coco
     python train_coco.py --out runs/mini-sd --resume       # the same run, from its latest checkpoint
     python mini_sd.py --checkpoint runs/mini-sd "a red circle in the top left" --out out.png
@@ -26,58 +27,52 @@ import mini_sd
 SHAPES_N = {"tiny": 256, "small": 2000, "base": 20000}  # synthetic images per preset
 COCO_HELP = ("get COCO 2017 from https://cocodataset.org/#download (train2017.zip and annotations_trainval2017.zip, "
              "unzipped into one folder), or leave out --coco-dir to train on the synthetic shapes dataset")
-PER_PRESET = {k: ", ".join(f"{p} {mini_sd.TRAINING[p][s][f]}" for p in mini_sd.TRAINING)
-              for k, (s, f) in dict(vae_steps=("vae", "steps"), unet_steps=("unet", "steps"), vae_batch_size=("vae", "batch_size"),
-                                    batch_size=("unet", "batch_size"), vae_lr=("vae", "lr"), lr=("unet", "lr")).items()}
-
-
-class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # per-preset defaults are spelt out in the help itself
-        return action.help if action.default is None else super()._get_help_string(action)
+STAGE_FLAGS = {"vae": dict(steps="--vae-steps", batch_size="--vae-batch-size", lr="--vae-lr"),
+               "unet": dict(steps="--unet-steps", batch_size="--batch-size", lr="--lr")}
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--coco-dir", default=None, help="COCO root with <split>/ and annotations/captions_<split>.json (default ./coco; "
-                                       "if absent: synthetic shapes)")
+    a("--coco-dir", help="COCO root with <split>/ and annotations/captions_<split>.json (default ./coco; if absent: shapes)")
     a("--split", default="train2017", help="COCO split, e.g. train2017 or val2017")
+    a("--data", help="a folder of your own captioned images instead of COCO (mini_sd.ImageFolder's layouts)")
     a("--shapes-dir", default="data/shapes", help="where the synthetic shapes dataset is built when there is no COCO")
-    a("--shapes-n", type=int, default=None, help=f"number of synthetic images (default per preset: {SHAPES_N})")
-    a("--preset", choices=sorted(mini_sd.PRESETS), default=None, help="model size (default: base with COCO, else small)")
-    a("--config", default=None, help="a JSON file of Config fields, applied on top of --preset")
-    a("--set", action="append", default=[], metavar="FIELD=VALUE",
-      help="one Config field (JSON value or plain text), repeatable: --set layers_per_block=1 --set "
-           "block_out_channels=[64,128,256] --set prediction_type=epsilon --set zero_terminal_snr=false")
-    a("--out", default="runs/mini-sd", help="output folder: checkpoints, samples, loss log, run.json")
-    for stage, what in (("vae", "VAE"), ("unet", "UNet")):
-        flag = "" if stage == "unet" else "vae-"
-        a(f"--{stage}-steps", type=int, default=None, help=f"{what} optimiser steps; 0 skips the stage "
-                                                           f"(default per preset: {PER_PRESET[stage + '_steps']})")
-        a(f"--{flag}batch-size", type=int, default=None, help=f"{what} images per process and micro-batch "
-                                                             f"(default per preset: {PER_PRESET[flag.replace('-', '_') + 'batch_size']})")
-        a(f"--{flag}lr", type=float, default=None, help=f"{what} peak learning rate (default per preset: {PER_PRESET[flag.replace('-', '_') + 'lr']})")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
-    a("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay")
-    a("--ema", type=float, default=0.999, help="EMA decay of the UNet weights, in [0, 1) (0 = off); samples use the EMA")
-    a("--cfg-dropout", type=float, default=0.1, help="probability of training on the empty caption")
-    a("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-      help="auto: bf16 where the device has bf16 units, fp16 with loss scaling on older GPUs, else fp32")
+    a("--shapes-n", type=int, help=f"number of synthetic images (default per preset: {SHAPES_N})")
+    a("--preset", choices=sorted(mini_sd.PRESETS), help="model size (default: base with COCO or --data, else small)")
+    a("--config", help="a JSON file of Config fields, applied on top of --preset")
+    a("--set", action="append", default=[], metavar="FIELD=VALUE", help="one Config field (JSON value or plain text), "
+      "repeatable: --set block_out_channels=[64,128,256] --set prediction_type=epsilon --set zero_terminal_snr=false")
+    a("--out", default="runs/mini-sd", help="output folder: checkpoints, samples, loss log, run.json (default %(default)s)")
+    for stage, flags in STAGE_FLAGS.items():
+        per_preset = {k: ", ".join(f"{p} {mini_sd.TRAINING[p][stage][k]}" for p in mini_sd.TRAINING) for k in flags}
+        a(flags["steps"], type=int, help=f"{stage} optimiser steps; 0 skips the stage ({per_preset['steps']})")
+        a(flags["batch_size"], type=int, help=f"{stage} images per process and micro-batch ({per_preset['batch_size']})")
+        a(flags["lr"], type=float, help=f"{stage} peak learning rate ({per_preset['lr']})")
+    defaults = mini_sd.TrainConfig()
+    for name in ("grad_accum", "warmup", "ema", "cfg_dropout", "seed", "save_every", "keep", "sample_every", "log_every"):
+        a("--" + name.replace("_", "-"), type=type(getattr(defaults, name)), default=getattr(defaults, name),
+          help=f"TrainConfig.{name} (default %(default)s)")
+    a("--precision", choices=mini_sd.PRECISIONS, default="auto", help="auto: bf16 where the device has bf16 units, "
+      "fp16 with loss scaling on older GPUs, else fp32")
+    a("--flip", action="store_true", help="random horizontal flips (they swap 'left' and 'right' in captions)")
     a("--compile", action="store_true", help="torch.compile the UNet and VAE")
-    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes")
-    a("--seed", type=int, default=0)
-    a("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end of each stage)")
-    a("--keep", type=int, default=3, help="checkpoints kept")
-    a("--sample-every", type=int, default=1000, help="captioned sample grid every N UNet steps (also once early, and at the end)")
-    a("--log-every", type=int, default=50, help="a progress line every N steps when the output is not a terminal")
-    a("--resume", nargs="?", const="latest", default=None,
-      help="continue the run in --out from its latest checkpoint with its stored arguments, or from a checkpoint PATH")
+    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes (default %(default)s)")
+    a("--resume", nargs="?", const="latest", help="continue the run in --out from its latest checkpoint with its stored "
+      "arguments (flags given again win), or from a checkpoint PATH")
     return p
 
 
 def fail(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def stage_args(args, stage):  # TrainConfig's fields of one stage, from the command line
+    own = {k: getattr(args, flag[2:].replace("-", "_")) for k, flag in STAGE_FLAGS[stage].items()}
+    shared = ("warmup", "grad_accum", "ema", "cfg_dropout", "precision", "flip", "compile", "seed", "save_every", "keep",
+              "sample_every", "log_every")
+    return dict(stage=stage, **own, **{k: getattr(args, k) for k in shared}, num_workers=args.workers, out=args.out)
 
 
 def parse_args(argv):
@@ -88,21 +83,18 @@ def parse_args(argv):
         with open(stored) as f:
             p.set_defaults(**{k: v for k, v in json.load(f).items() if k not in ("resume", "out") and v is not None})
         args = p.parse_args(argv)
-    limits = dict(vae_steps="steps", unet_steps="steps", vae_batch_size="batch_size", vae_lr="lr", workers="num_workers")
-    try:  # every number checked before anything heavy loads
-        for name, value in vars(args).items():
-            key = limits.get(name, name)
-            if value is not None and key in mini_sd.TRAIN_LIMITS:
-                mini_sd.check_range("--" + name.replace("_", "-"), value, *mini_sd.TRAIN_LIMITS[key])
-        if args.shapes_n is not None:
-            mini_sd.check_range("--shapes-n", args.shapes_n, 1)
-    except ValueError as e:
-        fail(e)
+    for stage in STAGE_FLAGS:  # every number checked before anything heavy loads
+        try:
+            mini_sd.TrainConfig(**stage_args(args, stage))
+        except ValueError as e:
+            name = str(e).split()[0]
+            fail({**STAGE_FLAGS[stage], "num_workers": "--workers"}.get(name, "--" + name.replace("_", "-")) + str(e)[len(name):])
+    if args.shapes_n is not None and args.shapes_n < 1:
+        fail(f"--shapes-n must be >= 1, got {args.shapes_n}")
     return args
 
 
-def make_config(args, have_coco):
-    preset = args.preset or ("base" if have_coco else "small")
+def make_config(args, preset):
     try:
         fields = dict(mini_sd.PRESETS[preset], preset_name=preset)
         if args.config:
@@ -122,63 +114,61 @@ def make_config(args, have_coco):
         fail(f"--config/--set: {e}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # torchrun: one process per device
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    rank, world = mini_sd.rank_and_world()
-    log = lambda msg: print(msg, flush=True) if rank == 0 else None
+def load_data(args, rank):  # -> (dataset maker, preset): COCO, your folder, or the synthetic shapes
     coco_dir = args.coco_dir or "coco"
     image_dir, captions = os.path.join(coco_dir, args.split), os.path.join(coco_dir, "annotations", f"captions_{args.split}.json")
-    have_coco = os.path.isdir(image_dir) and os.path.isfile(captions)
-    if not have_coco and (args.coco_dir is not None or args.split != "train2017"):  # asked for COCO: say what is missing
+    if args.data:
+        return (lambda cfg: mini_sd.ImageFolder(args.data, cfg.image_size)), "base"
+    if os.path.isdir(image_dir) and os.path.isfile(captions):
+        return (lambda cfg: mini_sd.CocoCaptions(image_dir, captions, cfg.image_size)), "base"
+    if args.coco_dir is not None or args.split != "train2017":  # asked for COCO: say what is missing
         fail(f"no COCO {args.split} at {coco_dir}: {image_dir if not os.path.isdir(image_dir) else captions} not found; {COCO_HELP}")
-    cfg = make_config(args, have_coco)
+    print(f"no COCO at ./{coco_dir}: training on synthetic shapes in {args.shapes_dir}", flush=True) if rank == 0 else None
+
+    def shapes(cfg):
+        n = args.shapes_n or SHAPES_N[cfg.preset_name]
+        return mini_sd.CocoCaptions(*mini_sd.make_shapes_dataset(args.shapes_dir, n, cfg.image_size, args.seed), cfg.image_size)
+
+    return shapes, "small"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = mini_sd.init_distributed()
+    make_data, preset = load_data(args, rank)
+    cfg = make_config(args, args.preset or preset)
+    if args.resume == "latest" and not (os.path.isdir(args.out) and mini_sd.list_checkpoints(args.out)):
+        fail(f"--resume: no checkpoint in {args.out}")
     try:  # fail now, not after an hour of training
         os.makedirs(args.out, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out).close()
+        if args.resume:  # a checkpoint of another config: said before the data is touched
+            mini_sd.check_config(args.out if args.resume == "latest" else args.resume, cfg)
+        data = make_data(cfg)
     except OSError as e:
-        fail(f"output folder {args.out} is not writable: {e.strerror}")
-    if not have_coco:
-        log(f"no COCO at ./{coco_dir}: training on synthetic shapes in {args.shapes_dir}")
-        image_dir, captions = os.path.join(args.shapes_dir, "train2017"), os.path.join(args.shapes_dir, "annotations", "captions_train2017.json")
-        if rank == 0 and not os.path.isfile(captions):
-            mini_sd.make_shapes_dataset(args.shapes_dir, n=args.shapes_n or SHAPES_N[cfg.preset_name], image_size=cfg.image_size, seed=args.seed)
-        mini_sd.any_rank(False)
-    try:
-        data = mini_sd.CocoCaptions(image_dir, captions, cfg.image_size)
-    except (FileNotFoundError, ValueError) as e:
+        fail(f"output folder {args.out} is not writable: {e.strerror}" if e.filename in (None, args.out) else e)
+    except ValueError as e:
         fail(e)
     if rank == 0:
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump({k: v for k, v in vars(args).items() if k != "resume"}, f, indent=1)
     torch.manual_seed(args.seed + rank)
     model = mini_sd.DiffusionModel(cfg)
-    precision = mini_sd.choose_precision(model.device, args.precision)
-    log(f"preset {cfg.preset_name} on {model.device} x{world}, {precision.name} ({precision.reason}); {len(data)} images; VAE "
-        f"{mini_sd.count_parameters(model.vae) / 1e6:.1f}M, UNet {mini_sd.count_parameters(model.unet) / 1e6:.1f}M params")
-    common = dict(out=args.out, warmup=args.warmup, grad_accum=args.grad_accum, ema=args.ema, cfg_dropout=args.cfg_dropout,
-                  precision=args.precision, compile=args.compile, num_workers=args.workers, seed=args.seed,
-                  save_every=args.save_every, keep=args.keep, sample_every=args.sample_every, log_every=args.log_every)
+    print(f"preset {cfg.preset_name} on {model.device} x{world}; {len(data)} images; VAE {mini_sd.count_parameters(model.vae) / 1e6:.1f}M,"
+          f" UNet {mini_sd.count_parameters(model.unet) / 1e6:.1f}M params", flush=True) if rank == 0 else None
     resume = args.resume and (True if args.resume == "latest" else args.resume)
-    if args.resume == "latest" and not mini_sd.list_checkpoints(args.out):
-        fail(f"--resume: no checkpoint in {args.out}")
     try:
-        model.train(data, stage="vae", steps=args.vae_steps, batch_size=args.vae_batch_size, lr=args.vae_lr, resume=resume, **common)
+        model.train(data, **stage_args(args, "vae"), resume=resume)
         # the UNet stage continues from the newest checkpoint in --out, which the VAE stage may just have written
-        resume = True if args.resume and mini_sd.list_checkpoints(args.out) else resume
-        model.train(data, stage="unet", steps=args.unet_steps, batch_size=args.batch_size, lr=args.lr, resume=resume, **common)
+        model.train(data, **stage_args(args, "unet"), resume=True if args.resume and mini_sd.list_checkpoints(args.out) else resume)
     except mini_sd.Interrupted as e:
         print(f"{e}; continue with: python train_coco.py --out {args.out} --resume", file=sys.stderr)
         sys.exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM: scripts can tell an interrupted run from a done one
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
         fail(f"{e}" + ("; lower --lr or use --precision fp32, then --resume" if isinstance(e, FloatingPointError) else ""))
-    log(f"done: {args.out} (latest checkpoint), {args.out}/samples/ (grids), {args.out}/loss.csv and loss.png\n"
-        f"generate: python mini_sd.py --checkpoint {args.out} \"{data.items[0][1][0]}\" --seed 0 --out out.png")
+    if rank == 0:
+        print(f"done: {args.out} (latest checkpoint), {args.out}/samples/ (grids), {args.out}/loss.csv and loss.png\n"
+              f"generate: python mini_sd.py --checkpoint {args.out} \"{data.items[0][1][0]}\" --seed 0 --out out.png")
     if dist.is_initialized():
         dist.destroy_process_group()
 
