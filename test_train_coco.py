@@ -271,6 +271,11 @@ exec({head!r})  # the README's API example, as written, but for its last line
 digest = lambda m: hashlib.sha256(b"".join(v.numpy().tobytes() for v in m.state_dict().values())).hexdigest()
 result = dict(unet=digest(model.unet), ema=digest(model.ema_unet), index=model.latents[1].index.tolist())
 exec({last!r})  # save() on rank 0, the other waiting; load() on both
+torch.manual_seed(10 + rank)
+alone = DiffusionModel("tiny")  # a UNet stage with no checkpoint to start from: DDP's broadcast alone makes one model
+alone.vae.scaling_factor.fill_(1.0)
+alone.train(data, stage="unet", steps=2, batch_size=8)
+result.update(unet_alone=digest(alone.unet), ema_alone=digest(alone.ema_unet))
 
 
 class NaNOnRank1(torch.utils.data.Dataset):  # rank 1's third batch holds a NaN image: its loss alone is NaN
@@ -308,7 +313,8 @@ def test_the_readme_api_under_torchrun_trains_one_model_and_stops_together(tmp_p
     p = subprocess.run(cmd, cwd=tmp_path, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     r0, r1 = (json.load(open(tmp_path / f"result-{r}.json")) for r in (0, 1))
-    assert r0["unet"] == r1["unet"] and r0["ema"] == r1["ema"]  # one model, bit for bit
+    for k in ("unet", "ema", "unet_alone", "ema_alone"):  # one model, bit for bit
+        assert r0[k] == r1[k], k
     assert r0["index"] == r1["index"] == list(range(16))  # the cache holds every image once
     (key,) = os.listdir(tmp_path / "runs" / "api" / "cache")
     assert sorted(os.listdir(tmp_path / "runs" / "api" / "cache" / key)) == [f"shard-{r}-of-2.safetensors" for r in (0, 1)]

@@ -56,6 +56,10 @@ def parser():
     a("--precision", choices=mini_sd.PRECISIONS, default="auto", help="auto: bf16 where the device has bf16 units, "
       "fp16 with loss scaling on older GPUs, else fp32")
     a("--flip", action="store_true", help="random horizontal flips (they swap 'left' and 'right' in captions)")
+    a("--init-from", help="fine-tune: start from these weights, a mini-sd checkpoint or Stable Diffusion in diffusers' layout "
+      "(a folder or hub name, whose config the model then takes); a checkpoint in --out to resume wins")
+    a("--gradient-checkpointing", action="store_true", help="recompute the UNet's activations in the backward: less memory")
+    a("--ema-device", help="keep the UNet's EMA there, e.g. cpu, to spare the GPU's memory")
     a("--compile", action="store_true", help="torch.compile the UNet and VAE")
     a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes (default %(default)s)")
     a("--resume", nargs="?", const="latest", help="continue the run in --out from its latest checkpoint with its stored "
@@ -71,7 +75,7 @@ def fail(msg):
 def stage_args(args, stage):  # TrainConfig's fields of one stage, from the command line
     own = {k: getattr(args, flag[2:].replace("-", "_")) for k, flag in STAGE_FLAGS[stage].items()}
     shared = ("warmup", "grad_accum", "ema", "cfg_dropout", "precision", "flip", "compile", "seed", "save_every", "keep",
-              "sample_every", "log_every")
+              "sample_every", "log_every", "init_from", "gradient_checkpointing", "ema_device")
     return dict(stage=stage, **own, **{k: getattr(args, k) for k in shared}, num_workers=args.workers, out=args.out)
 
 
@@ -97,6 +101,9 @@ def parse_args(argv):
 def make_config(args, preset):
     try:
         fields = dict(mini_sd.PRESETS[preset], preset_name=preset)
+        if args.init_from and mini_sd.is_diffusers(args.init_from):  # Stable Diffusion: its architecture, schedule, text
+            root = mini_sd.pretrained_folder(args.init_from, mini_sd.PIPELINE_FILES)
+            fields = {**mini_sd.sd_config(root), "text_encoder": args.init_from}
         if args.config:
             with open(args.config) as f:
                 fields.update(json.load(f))

@@ -276,6 +276,25 @@ def build_shapes(root, n, image_size, seed, heldout=(), objects=1):
 # Training through DiffusionModel.train
 
 
+def text_context(model, kind):
+    """What the UNet reads of a prompt, for ablations: the text encoder's token states (mini-sd's own), the same with
+    the encoder's position embeddings zeroed (a bag of words: order-free), or the mean-pooled sentence vector alone."""
+    enc = model.text_encoder
+    if kind == "no-positions":
+        enc.model.embeddings.position_embeddings.weight.data.zero_()
+    elif kind == "pooled":
+        tokens = enc.encode
+
+        def pooled(captions):  # (B, 1, D): the mean over the caption's tokens, as sentence-transformers pools MiniLM
+            hidden, mask = tokens(captions)
+            vector = (hidden * mask[..., None]).sum(1, keepdim=True) / mask.sum(1)[:, None, None]
+            return vector, torch.ones(len(captions), 1, dtype=torch.bool, device=mask.device)
+
+        enc.encode = pooled
+    enc.table = {}
+    return model
+
+
 def stage_kwargs(extra, stage):
     """--train-kwargs for one stage: its top-level keys go to both stages, those under "vae" / "unet" to that one."""
     return {**{k: v for k, v in extra.items() if k not in ("vae", "unet")}, **extra.get(stage, {})}
@@ -289,6 +308,7 @@ def train(args, data_dir, run_dir, heldout):
     steps = {"vae": args.vae_steps if args.vae_steps is not None else defaults["vae"]["steps"],
              "unet": args.unet_steps if args.unet_steps is not None else defaults["unet"]["steps"]}
     settings = {"preset": args.preset, "vae_steps": steps["vae"], "unet_steps": steps["unet"], "seed": args.seed,
+                "config": args.set, "text_context": args.text_context,
                 "data": os.path.abspath(data_dir), "heldout": [list(c) for c in heldout], "train_kwargs": args.train_kwargs}
     if args.two_objects:
         settings["objects"] = 2
@@ -310,9 +330,9 @@ def train(args, data_dir, run_dir, heldout):
         json.dump({"settings": settings, "done": False}, f, indent=1)
     data = mini_sd.CocoCaptions(os.path.join(data_dir, "train2017"),
                                 os.path.join(data_dir, "annotations", "captions_train2017.json"),
-                                mini_sd.Config.preset(args.preset).image_size)
+                                mini_sd.Config.preset(args.preset, **args.set).image_size)
     torch.manual_seed(args.seed)
-    model = mini_sd.DiffusionModel(mini_sd.Config.preset(args.preset))
+    model = text_context(mini_sd.DiffusionModel(mini_sd.Config.preset(args.preset, **args.set)), args.text_context)
     log(f"training: {args.preset} preset, {len(data)} images, VAE {steps['vae']} + UNet {steps['unet']} steps into "
         f"{run_dir}" + (f", extra arguments {args.train_kwargs}" if args.train_kwargs else ""))
     t0 = time.time()
@@ -905,6 +925,10 @@ def parse_args(argv=None):
                                            "'{\"unet\": {\"batch_size\": 16, \"lr\": 3e-4}, \"ema\": 0.99}'")
     a("--retrain", action="store_true", help="train again even if OUT/run holds a finished run with these settings")
     a("--n", type=int, default=None, help="shapes images generated before the held-out ones are dropped (default 2000)")
+    a("--set", action="append", default=[], metavar="FIELD=VALUE", help="a Config field for the model trained (JSON value "
+      "or text), repeatable: --set attention_levels=[true,true,true]")
+    a("--text-context", choices=["tokens", "no-positions", "pooled"], default="tokens", help="ablation: what the UNet "
+      "reads of a prompt (see text_context)")
     a("--heldout", type=int, default=12, help="held-out combinations (of 75), or with --two-objects facts (of 60)")
     a("--heldout-seed", type=int, default=0)
     a("--seen-prompts", type=int, default=None, help="seen combinations prompted (default: as many as held out)")
@@ -972,6 +996,11 @@ def parse_args(argv=None):
             raise ValueError(f"{sorted(bad)} are set by this script's own flags")
     except ValueError as e:
         p.error(f"--train-kwargs: {e}")
+    try:
+        args.set = {k: json.loads(v) if v[:1] in "[{0123456789-tfn" else v for k, _, v in (i.partition("=") for i in args.set)}
+        mini_sd.Config.preset(args.preset, **args.set)
+    except (ValueError, TypeError) as e:
+        p.error(f"--set: {e}")
     args.out_md = args.out_md or os.path.join(args.out, "report.md")
     args.out_json = args.out_json or os.path.join(args.out, "results.json")
     return args
@@ -1000,12 +1029,13 @@ def data_and_model(args, timings):
                 sys.exit(f"error: {model_dir} was trained on {settings.get('objects', 1)}-object scenes: "
                          + ("drop" if args.two_objects else "add") + " --two-objects")
             heldout = [tuple(c) for c in settings["heldout"]]
+            args.text_context = settings.get("text_context", "tokens")  # what the model was trained to read
             log(f"model {model_dir}: trained by this script; its held-out combinations are used")
         else:
             log(f"warning: {model_dir} was not trained by this script: the 'held-out' prompts are held out only if "
                 f"its training data lacked them")
     else:
-        image_size = mini_sd.Config.preset(args.preset).image_size
+        image_size = mini_sd.Config.preset(args.preset, **args.set).image_size
         data_dir, captions = build_shapes(os.path.join(args.out, "data"), args.n, image_size, args.seed, heldout, objects)
         train_images = len(read_labels(captions, parse_pair if args.two_objects else parse_caption))
         log(f"data: {train_images} training images in {data_dir} ({args.n} generated, those of {len(heldout)} "
@@ -1014,7 +1044,7 @@ def data_and_model(args, timings):
         model_dir, train_seconds, reused = train(args, data_dir, os.path.join(args.out, "run"), heldout)
         if train_seconds is not None:
             timings["training (an earlier run, reused)" if reused else "training"] = train_seconds
-    model = mini_sd.DiffusionModel.load(model_dir)
+    model = text_context(mini_sd.DiffusionModel.load(model_dir), args.text_context)
     cfg = model.config
     preset = next((k for k, v in mini_sd.PRESETS.items() if mini_sd.Config.preset(k) == cfg), "custom")
     log(f"model: {model_dir} ({preset} preset, {cfg.image_size} px, UNet {mini_sd.count_parameters(model.unet) / 1e6:.1f}M "
