@@ -305,10 +305,10 @@ def train(args, data_dir, run_dir, heldout):
     unless a finished run with the same settings is there -> (run_dir, seconds, reused). An interrupted run resumes
     from its latest checkpoint; DiffusionModel.load(run_dir) loads the newest checkpoint."""
     defaults = mini_sd.TRAINING[args.preset]
-    steps = {"vae": args.vae_steps if args.vae_steps is not None else defaults["vae"]["steps"],
+    steps = {"vae": 0 if args.vae_from else args.vae_steps if args.vae_steps is not None else defaults["vae"]["steps"],
              "unet": args.unet_steps if args.unet_steps is not None else defaults["unet"]["steps"]}
     settings = {"preset": args.preset, "vae_steps": steps["vae"], "unet_steps": steps["unet"], "seed": args.seed,
-                "config": args.set, "text_context": args.text_context,
+                "config": args.set, "text_context": args.text_context, "vae_from": args.vae_from,
                 "data": os.path.abspath(data_dir), "heldout": [list(c) for c in heldout], "train_kwargs": args.train_kwargs}
     if args.two_objects:
         settings["objects"] = 2
@@ -333,6 +333,9 @@ def train(args, data_dir, run_dir, heldout):
                                 mini_sd.Config.preset(args.preset, **args.set).image_size)
     torch.manual_seed(args.seed)
     model = text_context(mini_sd.DiffusionModel(mini_sd.Config.preset(args.preset, **args.set)), args.text_context)
+    if args.vae_from:  # a VAE trained before (ablations that change only the UNet or the text share one)
+        state = mini_sd.load_safetensors(os.path.join(mini_sd.checkpoint_dir(args.vae_from), "model.safetensors"))[0]
+        model.vae.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("vae.")})
     log(f"training: {args.preset} preset, {len(data)} images, VAE {steps['vae']} + UNet {steps['unet']} steps into "
         f"{run_dir}" + (f", extra arguments {args.train_kwargs}" if args.train_kwargs else ""))
     t0 = time.time()
@@ -927,6 +930,7 @@ def parse_args(argv=None):
     a("--n", type=int, default=None, help="shapes images generated before the held-out ones are dropped (default 2000)")
     a("--set", action="append", default=[], metavar="FIELD=VALUE", help="a Config field for the model trained (JSON value "
       "or text), repeatable: --set attention_levels=[true,true,true]")
+    a("--vae-from", default=None, help="take the VAE (weights and latent scale) from this checkpoint and skip the VAE stage")
     a("--text-context", choices=["tokens", "no-positions", "pooled"], default="tokens", help="ablation: what the UNet "
       "reads of a prompt (see text_context)")
     a("--heldout", type=int, default=12, help="held-out combinations (of 75), or with --two-objects facts (of 60)")
