@@ -121,7 +121,8 @@ RELATIONS = list(mini_sd.RELATIONS)
 CONVERSE = {r: next(k for k, v in mini_sd.RELATIONS.items() if v == (-dx, -dy)) for r, (dx, dy) in mini_sd.RELATIONS.items()}
 PAIR_PROMPT = "a {c} {s} {r} a {c2} {s2}"  # mini_sd.PAIR_CAPTION_TEMPLATES[0] (the converse one has the same form)
 PAIR_RE = re.compile(r"^a (\w+) (\w+) (.+) a (\w+) (\w+)$")
-PAIR_ATTRS = ("found", "colour", "shape", "relation", "all")  # found: two objects; colour, shape: both objects right
+# found: two objects; colour, shape: both objects right; binding: each object its own colour and shape; relation
+PAIR_ATTRS = ("found", "colour", "shape", "binding", "relation", "all")
 PAIR_TARGETS = {"seen_all": 80.0, "heldout_all": 60.0}
 
 
@@ -526,7 +527,8 @@ def judge_pair(objs, truth):
                + (o[0]["shape"] == s) + (o[1]["shape"] == s2))
     ok = {"found": True, "colour": p["colour"] == c and q["colour"] == c2, "shape": p["shape"] == s and q["shape"] == s2,
           "relation": relation(p, q) == r}
-    ok["all"] = ok["colour"] and ok["shape"] and ok["relation"]
+    ok["binding"] = ok["colour"] and ok["shape"]
+    ok["all"] = ok["binding"] and ok["relation"]
     return ok, [p["colour"], p["shape"], relation(p, q), q["colour"], q["shape"]]
 
 
@@ -887,16 +889,18 @@ def markdown_pairs(R):
              f"{fmt(sc['found'])}%, colours {fmt(sc['colour'])}%, shapes {fmt(sc['shape'])}%, relation "
              f"{fmt(sc['relation'])}%, all correct {fmt(sc['all'])}%. VAE reconstruction PSNR {v['psnr']:.2f} dB; "
              f"scorer on the reconstructions: all correct {fmt(v['scorer']['all'])}%.\n")
-    L.append("| sampler | steps | guidance | images | seen found | seen colours | seen shapes | seen relation | **seen all** "
-             "| held-out found | held-out colours | held-out shapes | held-out relation | **held-out all** | time (s) |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L.append("| sampler | steps | guidance | images | seen found | seen colours | seen shapes | seen binding | seen relation "
+             "| **seen all** | held-out found | held-out colours | held-out shapes | held-out binding | held-out relation "
+             "| **held-out all** | time (s) |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in R["configs"]:
         a, b = c["seen"], c["heldout"]
         L.append(f"| {c['sampler']} | {c['steps']} | {c['guidance']:g} | {c['images']} | "
                  + " | ".join(fmt(a[k]) for k in PAIR_ATTRS[:-1]) + f" | **{fmt(a['all'])}** | "
                  + " | ".join(fmt(b[k]) for k in PAIR_ATTRS[:-1]) + f" | **{fmt(b['all'])}** | {c['seconds']:.0f} |")
     L.append("\nAccuracies in %, per generated image, judged by the pixel scorer: found = two objects; colours, shapes = "
-             "both objects' right; relation = the first object's to the second; all = all of these. Rows with guidance "
+             "both objects' right; binding = each object its own colour and shape; relation = the first object's to the "
+             "second; all = binding and relation. Rows with guidance "
              f"other than {s['guidance']:g} are the guidance sweep.\n")
     L.append("Held-out prompts at DPM-Solver++ 20 (all correct / images): "
              + ", ".join(f"{k} {v}" for k, v in R["per_heldout"].items()) + ".\n")
