@@ -971,20 +971,18 @@ def test_compile_covers_the_ema_that_sample_runs():
     assert model.ema_unet._compiled_call_impl is not None
 
 
-@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler on the CPU")
-def test_reduce_overhead_compile_samples_on_cpu_as_eager():
-    """compile(mode="reduce-overhead") asks for CUDA graphs: on a CPU inductor must still compile every copy that
-    sample() runs (the UNet and decoder, or their bf16 copies) and give eager's images. Guidance at every step: one
-    UNet batch size, one compilation."""
+def test_compile_options_reach_every_copy_that_sample_runs_and_keep_its_images():
+    """compile(**options) reaches the UNet and decoder sample() runs (or their bf16 copies) and gives eager's images.
+    aot_eager traces through dynamo and autograd as inductor would, without a cold C++ build of a minute or more."""
     model = tiny_model(seed=1)
     randomise_output(model)
     eager = pixels(model.sample([CAPTION], steps=3, seed=0, guidance_interval=(0, 1)))
     model.inference = {}
-    model.compile(mode="reduce-overhead")
+    model.compile(backend="aot_eager")
     compiled = pixels(model.sample([CAPTION], steps=3, seed=0, guidance_interval=(0, 1)))
     precision = mini_sd.choose_precision(model.device)  # bf16 copies on a CPU with bf16 units, else the fp32 modules
     assert all(model.inference_copy(part, precision)._compiled_call_impl is not None for part in ("unet", "decoder"))
-    assert eager.std() > 50 and (compiled - eager).abs().mean() < 4.0  # of 255: fused bf16 kernels round differently
+    assert eager.std() > 50 and (compiled - eager).abs().mean() < 1.0  # of 255
 
 
 def losses(out):
@@ -1148,13 +1146,13 @@ def test_resume_applies_a_new_lr_and_steps_and_refuses_a_new_batch_order(dataset
 def test_every_dataset_trains_through_one_path(dataset, shapes, tmp_path):
     model = tiny_model()
     part = torch.utils.data.Subset(dataset, range(2, 10))
-    cache = model.latent_cache(part, tmp_path)
+    cache = mini_sd.latent_cache(model, part, tmp_path)
     assert cache.index.tolist() == list(range(8)) and cache.captions == [dataset.items[i][1] for i in range(2, 10)]
     assert len(cache.captions[0]) == 3 and len(os.listdir(tmp_path / "cache")) == 1  # every caption; on disk
-    theirs = model.latent_cache(InMemory(part), tmp_path)  # a dataset of the user's own: the same latents, in memory
+    theirs = mini_sd.latent_cache(model, InMemory(part), tmp_path)  # a dataset of the user's own: the same latents, in memory
     assert torch.equal(theirs.latents(range(8)), cache.latents(range(8))) and len(os.listdir(tmp_path / "cache")) == 1
     os.utime(dataset.items[3][0], ns=(1, 1))  # an image rewritten in place: a new key, encoded again
-    assert model.latent_cache(part, tmp_path) is not cache and len(os.listdir(tmp_path / "cache")) == 2
+    assert mini_sd.latent_cache(model, part, tmp_path) is not cache and len(os.listdir(tmp_path / "cache")) == 2
     with pytest.raises(ValueError, match=r"the data's images are \(3, 16, 16\), the model's config wants \(3, 32, 32\)"):
         model.train(mini_sd.CocoCaptions(*shapes, image_size=16), stage="vae", steps=1)
     with pytest.raises(TypeError, match="pass the DataLoader's dataset"):

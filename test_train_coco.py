@@ -53,7 +53,6 @@ def test_default_run_makes_checkpoint_samples_and_log(full_run):
     assert grids == ["step-0000003.png", "step-0000030.png"]  # one early (first 10% of the run), one at the end
     grid = Image.open(out / "samples" / "step-0000030.png")
     assert grid.size[0] == 4 * 128 and grid.size[1] > 2 * 128  # 8 prompts, 4 columns, tiles grown for a caption strip
-    assert Image.open(out / "loss.png").size[0] > 0
     rows = losses(out)
     assert [s for s, _, _ in rows] == ["vae"] * 12 + ["unet"] * 30
     assert (out / "cache").is_dir() and len(os.listdir(out / "cache")) == 1
@@ -179,54 +178,85 @@ def test_odd_and_corrupt_images_do_not_stop_training(tmp_path):
 
 def test_bad_input_gets_one_clear_line(full_run, tmp_path):
     tmp, _ = full_run
-    p = train(tmp_path, "--coco-dir", "nowhere", "--preset", "tiny", check=False)
-    assert p.returncode == 2 and "error: no COCO train2017 at nowhere: nowhere/train2017 not found" in p.stderr
-    assert "cocodataset.org" in p.stderr
-    os.makedirs(tmp_path / "c" / "train2017")
-    p = train(tmp_path, "--coco-dir", "c", "--preset", "tiny", check=False)
-    assert p.returncode == 2 and "c/annotations/captions_train2017.json not found" in p.stderr
-    (tmp_path / "c" / "annotations").mkdir()
-    (tmp_path / "c" / "annotations" / "captions_train2017.json").write_text("[1, 2]")
-    p = train(tmp_path, "--coco-dir", "c", "--preset", "tiny", check=False)
-    assert p.returncode == 2 and "captions_train2017.json is not a COCO captions file: the top level is a JSON list" in p.stderr
+    os.makedirs(tmp_path / "c1" / "train2017")
+    os.makedirs(tmp_path / "c2" / "train2017")
+    (tmp_path / "c2" / "annotations").mkdir()
+    (tmp_path / "c2" / "annotations" / "captions_train2017.json").write_text("[1, 2]")
     (tmp_path / "file").write_text("")
-    p = train(tmp_path, "--out", "file/out", "--preset", "tiny", check=False)
-    assert p.returncode == 2 and "output folder file/out is not writable" in p.stderr
     shutil.copytree(tmp / "out" / "ckpt-unet-0000030", tmp_path / "other" / "ckpt-unet-0000030")
-    p = train(tmp, "--preset", "small", "--out", str(tmp_path / "other"), "--resume", check=False)
-    assert p.returncode == 2 and "different config" in p.stderr and "image_size: checkpoint 32 != model 64" in p.stderr
-    p = train(tmp_path, "--set", "prediction_type=flw", "--preset", "tiny", check=False)
-    assert p.returncode == 2 and "unknown prediction_type 'flw'; choose from epsilon, v_prediction, flow" in p.stderr
+    cases = {
+        "error: no COCO train2017 at nowhere: nowhere/train2017 not found": ["--coco-dir", "nowhere"],
+        "c1/annotations/captions_train2017.json not found": ["--coco-dir", "c1"],
+        "captions_train2017.json is not a COCO captions file: the top level is a JSON list": ["--coco-dir", "c2"],
+        "output folder file/out is not writable": ["--out", "file/out"],
+        "image_size: checkpoint 32 != model 64": ["--preset", "small", "--out", "other", "--resume"],
+        "unknown prediction_type 'flw'; choose from epsilon, v_prediction, flow": ["--set", "prediction_type=flw"],
+    }
+    results = cli_errors("train_coco.py", [flags if "--preset" in flags else [*flags, "--preset", "tiny"]
+                                           for flags in cases.values()], tmp_path)
+    for message, (code, err, _) in zip(cases, results):
+        assert code == 2 and message in err, (message, err[-2000:])
+    assert "cocodataset.org" in results[0][1] and "different config" in results[4][1]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--vae-steps", "-3"], "--vae-steps must be >= 0, got -3"),
-    (["--vae-batch-size", "0"], "--vae-batch-size must be >= 1, got 0"),
-    (["--lr", "0"], "--lr must be > 0, got 0.0"),
-    (["--ema", "1"], "--ema must be in [0, 1), got 1.0"),
-    (["--shapes-n", "0"], "--shapes-n must be >= 1, got 0"),
-    (["--set", "block_out_channel=[1]"], "unknown Config field(s) ['block_out_channel']"),
-])
-def test_numbers_are_checked_before_anything_loads(tmp_path, flags, message):
-    p = train(tmp_path, *flags, "--out", "o", check=False, timeout=60)
-    assert p.returncode == 2 and p.stderr.startswith("error: ") and message in p.stderr, p.stderr[-2000:]
-    assert "Loading weights" not in p.stderr and len(p.stderr.strip().splitlines()) == 1  # one line, nothing loaded
+# Each bad command line below runs in one Python process (the script re-run by runpy per case), not one process each:
+# the same argv, exit code and stderr, without a second of interpreter and torch start-up per case.
+ERRORS = """
+import contextlib, io, json, os, runpy, sys
+script, cases = sys.argv[1], json.loads(sys.argv[2])
+sys.path.insert(0, os.path.dirname(script))  # as `python script` would
+results = []
+for argv in cases:
+    sys.argv, err = [script, *argv], io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    results.append((code, err.getvalue(), "transformers.models" in " ".join(sys.modules)))
+print(json.dumps(results))
+"""
+
+
+def cli_errors(script, cases, cwd):
+    """(exit code, stderr, whether a transformers model module was imported) per argv in cases."""
+    p = subprocess.run([sys.executable, "-c", ERRORS, os.path.join(HERE, script), json.dumps(cases)], cwd=cwd, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.splitlines()[-1])
+
+
+def test_numbers_are_checked_before_anything_loads(tmp_path):
+    cases = {
+        "--vae-steps must be >= 0, got -3": ["--vae-steps", "-3"],
+        "--vae-batch-size must be >= 1, got 0": ["--vae-batch-size", "0"],
+        "--lr must be > 0, got 0.0": ["--lr", "0"],
+        "--ema must be in [0, 1), got 1.0": ["--ema", "1"],
+        "--shapes-n must be >= 1, got 0": ["--shapes-n", "0"],
+        "unknown Config field(s) ['block_out_channel']": ["--set", "block_out_channel=[1]"],
+    }
+    results = cli_errors("train_coco.py", [[*flags, "--out", "o"] for flags in cases.values()], tmp_path)
+    for message, (code, err, loaded) in zip(cases, results):
+        assert code == 2 and err.startswith("error: ") and message in err, (message, err[-2000:])
+        assert len(err.strip().splitlines()) == 1 and not loaded, (message, err)  # one line, nothing loaded
     assert not os.path.exists(tmp_path / "data")
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--guidance", "-3"], "--guidance must be >= 0, got -3.0"),
-    (["--num-images", "0"], "--num-images must be >= 1, got 0"),
-    (["--strength", "1.5", "--init-image", __file__], "--strength must be in (0, 1], got 1.5"),
-    (["--out", "nodir/x.png"], "--out nodir/x.png: the folder"),
-    (["--guidance-interval", "0.8", "0.2"], "--guidance-interval must be (low, high) with 0 <= low <= high <= 1"),
-])
-def test_generation_cli_checks_input_before_loading(full_run, tmp_path, flags, message):
+def test_generation_cli_checks_input_before_loading(full_run, tmp_path):
     tmp, _ = full_run
-    cmd = [sys.executable, os.path.join(HERE, "mini_sd.py"), "--checkpoint", str(tmp / "out"), "a circle", *flags]
-    p = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and f"error: {message}" in p.stderr and "Loading weights" not in p.stderr, p.stderr[-2000:]
+    cases = {
+        "--steps must be >= 1, got 0": ["--steps", "0"],
+        "--guidance must be >= 0, got -3.0": ["--guidance", "-3"],
+        "--num-images must be >= 1, got 0": ["--num-images", "0"],
+        "--strength must be in (0, 1], got 1.5": ["--strength", "1.5", "--init-image", __file__],
+        "--out nodir/x.png: the folder": ["--out", "nodir/x.png"],
+        "--guidance-interval must be (low, high) with 0 <= low <= high <= 1": ["--guidance-interval", "0.8", "0.2"],
+    }
+    results = cli_errors("mini_sd.py", [["--checkpoint", str(tmp / "out"), "a circle", *flags] for flags in cases.values()],
+                         tmp_path)
+    for message, (code, err, loaded) in zip(cases, results):
+        assert code == 2 and f"error: {message}" in err and not loaded, (message, err[-2000:])
 
 
 def test_checkpoints_move_between_the_api_and_the_cli(full_run, tmp_path):

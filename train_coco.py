@@ -174,7 +174,7 @@ def main(argv=None):
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
         fail(f"{e}" + ("; lower --lr or use --precision fp32, then --resume" if isinstance(e, FloatingPointError) else ""))
     if rank == 0:
-        print(f"done: {args.out} (latest checkpoint), {args.out}/samples/ (grids), {args.out}/loss.csv and loss.png\n"
+        print(f"done: {args.out} (latest checkpoint), {args.out}/samples/ (grids), {args.out}/loss.csv\n"
               f"generate: python mini_sd.py --checkpoint {args.out} \"{data.items[0][1][0]}\" --seed 0 --out out.png")
     if dist.is_initialized():
         dist.destroy_process_group()

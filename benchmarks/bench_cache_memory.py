@@ -3,7 +3,7 @@
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 torchrun --standalone --nproc_per_node 2 benchmarks/bench_cache_memory.py
 
-Each process builds the cache of N synthetic shapes images (DiffusionModel.latent_cache: it encodes its share into its
+Each process builds the cache of N synthetic shapes images (mini_sd.latent_cache: it encodes its share into its
 own shard file), forgets it, opens it again (memory-maps every shard), then reads every latent once, as an epoch of
 UNet batches would; memory is measured around the second opening, apart from the encoding pass's allocations.
 It reports, per process and after each phase, RssAnon (the process's private memory) and Pss (its proportional share
@@ -44,11 +44,11 @@ def main():
     data = mini_sd.CocoCaptions(image_dir, captions, args.image_size)
     model = mini_sd.DiffusionModel(mini_sd.Config.preset("tiny", image_size=args.image_size))
     t0 = time.time()
-    model.latent_cache(data, os.path.join(args.out, "run"), num_workers=args.workers)  # encoded, or found on disk
+    mini_sd.latent_cache(model, data, os.path.join(args.out, "run"), num_workers=args.workers)  # encoded, or found on disk
     encoded = time.time() - t0
     model.latents = None  # forget it: what follows measures the cache itself, not the encoding pass's allocations
     phases = [("before", memory_mib())]
-    cache = model.latent_cache(data, os.path.join(args.out, "run"))
+    cache = mini_sd.latent_cache(model, data, os.path.join(args.out, "run"))
     phases.append(("cache opened", memory_mib()))
     for start in range(0, len(cache), 256):  # every latent read once, a batch at a time
         cache.latents(range(start, min(start + 256, len(cache)))).sum()

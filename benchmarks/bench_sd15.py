@@ -32,17 +32,17 @@ def peak_rss_gib():
     return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 2**20
 
 
-def pipeline(folder):
+def build(folder):  # the random-weight SD 1.5 pipeline, written once
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         print(f"building a random-weight SD 1.5 pipeline in {folder} ...", flush=True)
         sd_reference.sd_pipeline(folder, "sd15")
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(folder)
 
 
 def compare(args):
-    pipe = pipeline(args.folder)
+    from diffusers import StableDiffusionPipeline
+
+    build(args.folder)
+    pipe = StableDiffusionPipeline.from_pretrained(args.folder)
     model = mini_sd.DiffusionModel.from_pretrained(args.folder, image_size=args.size)
     n_unet = mini_sd.count_parameters(model.unet)
     print(f"UNet {n_unet / 1e6:.0f}M parameters (diffusers {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.0f}M), "
@@ -81,7 +81,7 @@ def finetune(args):
     if not args.child:  # a fresh process, so that the peak is this step's alone
         cmd = [sys.executable, __file__, "finetune", "--child", *sys.argv[2:]]
         sys.exit(subprocess.run(cmd).returncode)
-    pipeline(args.folder)  # built once; the pipeline object itself is dropped
+    build(args.folder)
     model = mini_sd.DiffusionModel.from_pretrained(args.folder, image_size=args.size)
     weights = sum(p.numel() * p.element_size() for p in model.unet.parameters()) / 2**30
     before = peak_rss_gib()
