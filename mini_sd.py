@@ -1672,6 +1672,9 @@ def latent_cache(model, data, out=None, num_workers=0, flip=False):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     key = h.hexdigest()[:16]
+    if out and items and len(set(gather(key))) > 1:  # one cache for every process: their encoders must be one
+        raise ValueError("the VAE encoder differs between processes: build the model from one seed or checkpoint on "
+                         "each, as train() makes it")
     if model.latents is not None and model.latents[0] == key:
         return model.latents[1]
     folder = os.path.join(out, "cache", f"latents-{key}") if out and items else None

@@ -327,6 +327,11 @@ try:  # as a notebook would: the error is caught, the process lives on
 except FloatingPointError as e:
     result["nan"] = str(e)
     result["unchanged"] = digest(fresh.vae) == digest(DiffusionModel.load(str(e).split("checkpoint is ")[1]).vae)
+torch.manual_seed(20 + rank)
+try:  # a cache shared by processes whose encoders differ: refused on every one, not a hang or a half cache
+    mini_sd.latent_cache(DiffusionModel("tiny"), data, "other-run")
+except ValueError as e:
+    result["differ"] = str(e)
 json.dump(result, open(f"result-{{rank}}.json", "w"))
 dist.destroy_process_group()
 """
@@ -351,3 +356,5 @@ def test_the_readme_api_under_torchrun_trains_one_model_and_stops_together(tmp_p
     assert r0["nan"] == r1["nan"] and "loss is nan at step 2 on 1 of 2 processes" in r0["nan"], (r0, r1)
     assert r0["nan"].endswith(os.path.join("nan-run", "ckpt-vae-0000002")) and r0["unchanged"] and r1["unchanged"]
     assert p.stdout.count("saved runs/api/ckpt-unet-0000004") == 1  # rank 0 alone logs
+    assert r0.get("differ") == r1.get("differ") == "the VAE encoder differs between processes: build the model from " \
+        "one seed or checkpoint on each, as train() makes it"

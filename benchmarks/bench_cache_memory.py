@@ -42,6 +42,7 @@ def main():
     rank, world = mini_sd.init_distributed()
     image_dir, captions = mini_sd.make_shapes_dataset(os.path.join(args.out, "shapes"), args.n, args.image_size)
     data = mini_sd.CocoCaptions(image_dir, captions, args.image_size)
+    torch.manual_seed(0)  # one model on every process: the cache they share is keyed by its encoder
     model = mini_sd.DiffusionModel(mini_sd.Config.preset("tiny", image_size=args.image_size))
     t0 = time.time()
     mini_sd.latent_cache(model, data, os.path.join(args.out, "run"), num_workers=args.workers)  # encoded, or found on disk
