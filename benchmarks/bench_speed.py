@@ -10,7 +10,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/bench_speed.py --presets small --sections sample --rounds 3 --warmup 1
     HF_HUB_OFFLINE=1 python benchmarks/bench_speed.py --presets small --sections --profile-sample   # profile alone
     HF_HUB_OFFLINE=1 python benchmarks/bench_speed.py --sections memory   # peak RSS, a fresh process per configuration
-    HF_HUB_OFFLINE=1 python benchmarks/bench_speed.py --sections cache text   # the library sections (several minutes)
+    HF_HUB_OFFLINE=1 python benchmarks/bench_speed.py --sections text   # the library section (a minute)
 
 What is measured, per preset:
   * UNet training step: forward + MSE loss (fp32) + backward + AdamW step, in fp32 and under bf16 autocast, eager;
@@ -30,15 +30,7 @@ Memory section (--sections memory, not in the default): peak RSS (VmHWM) of a sm
 (bf16 autocast, batch as above) and of end-to-end sampling at batch 16 (small), per side, each in a fresh process
 (this script re-invoked with a hidden --memory-child flag) that first imports the same libraries on both sides.
 
-Library sections (mini_sd only, no diffusers side; --sections cache text, not in the default):
-  * cache: UNet-stage images/s through DiffusionModel.train on a CocoCaptions shapes dataset (make_shapes_dataset,
-    --cache-images), passed as the Dataset (latents encoded once by model.latent_cache, captions once by
-    text_encoder.remember) against a re-iterable wrapper around a DataLoader of the same dataset (every step loads and
-    VAE-encodes its images and text-encodes its captions, as train() did before the cache), and that wrapper with the
-    caption table filled (only the VAE differs). Setups: the small preset at 32 px and 64 px, and a factor-8 VAE (4
-    levels, 2 layers per block: Stable Diffusion's VAE shape, as diffusers' train_text_to_image.py uses, at a quarter
-    of its widths) at 64 px. Untrained VAE (scaling_factor 1). The one-time cache cost is timed apart, and folded
-    into a speed-up over a whole default small UNet run (mini_sd.TRAINING). Target: >= 2x at the small preset.
+Library section (mini_sd only, no diffusers side; --sections text, not in the default):
   * text: --text-batch distinct COCO-style captions ("a {adj} {noun} {verb} on a {place}") encoded one per forward
     ([enc.encode([c]) for c in caps], train() before the batched encoder) and in one batched forward (enc.encode(caps)),
     next to a small-preset UNet training step (bf16 autocast) at the same batch.
@@ -71,11 +63,8 @@ if "--compile" in sys.argv:  # inductor's compile-worker pool fights the benchma
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import io  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -149,6 +138,16 @@ def interleaved(fns, warmup, rounds, setup=None):
 
 
 CPU = torch.device("cpu")
+# each side in its best precision on this machine: bf16 where the CPU has bf16 units (AMX, AVX512-BF16), else fp32
+# (emulated bf16 is 50-80x slower); mini_sd's policy decides, the peer is given the same
+BEST = mini_sd.choose_precision(CPU)
+BF16_UNITS = BEST.name == "bf16"
+BEST_TRAIN = "bf16-autocast" if BF16_UNITS else "fp32"
+
+
+def cpu_line():  # which CPU: the capability torch dispatches to, and the bf16 units
+    return (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, AMX {torch.cpu._is_amx_tile_supported()}, "
+            f"AVX512-BF16 {torch.cpu._is_avx512_bf16_supported()}; best precision: {BEST.name} ({BEST.reason})")
 
 
 def autocast(dtype):  # the library's bf16 autocast for "bf16-autocast", a disabled one (plain fp32) otherwise
@@ -160,7 +159,8 @@ def measure_peak(warmup, rounds, n=2048):
     g = torch.Generator().manual_seed(0)
     a32, b32 = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a16, b16 = a32.bfloat16(), b32.bfloat16()
-    times = interleaved({"fp32": lambda: a32 @ b32, "bf16": lambda: a16 @ b16}, warmup, rounds)
+    fns = {"fp32": lambda: a32 @ b32, "bf16": lambda: a16 @ b16} if BF16_UNITS else {"fp32": lambda: a32 @ b32}
+    times = interleaved(fns, warmup, rounds)
     return {k: 2 * n**3 / statistics.median(v) for k, v in times.items()}
 
 
@@ -327,12 +327,17 @@ class Results:
 
     def targets(self):
         """The issue's sampling targets (small preset, SAMPLE_TARGETS), met or not, as a line under the table."""
-        rows = [r for r in self.rows if r["preset"] == "small" and r["what"].startswith("sample") and r["batch"] in SAMPLE_TARGETS]
+        small = [r for r in self.rows if r["preset"] == "small" and "compiled" not in r["what"]]
+        rows = [(f"sampling batch {r['batch']}", r, SAMPLE_TARGETS[r["batch"]]) for r in small
+                if r["what"].startswith("sample") and r["batch"] in SAMPLE_TARGETS]
+        rows += [("fp32 training step", r, TRAIN_TARGET) for r in small
+                 if TRAIN_TARGET and r["what"].startswith("UNet train") and r["dtype"] == "fp32"]
         if not rows:
             return ""
-        return "\n\nTargets, end-to-end sampling against the bf16 pipeline (small preset): " + ", ".join(
-            f"batch {r['batch']} {r['med']['diffusers'] / r['med']['mini']:.2f}x (target >= {SAMPLE_TARGETS[r['batch']]}x: "
-            f"{'met' if r['med']['diffusers'] / r['med']['mini'] >= SAMPLE_TARGETS[r['batch']] else 'not met'})" for r in rows) + "."
+        ratio = lambda r: r["med"]["diffusers"] / r["med"]["mini"]  # noqa: E731
+        return f"\n\nTargets at the small preset, each side in {BEST.name}: " + ", ".join(
+            f"{what} {ratio(r):.2f}x (target >= {target}x: {'met' if ratio(r) >= target else 'not met'})"
+            for what, r, target in rows) + "."
 
 
 def bench_train(res, preset, cfg, unets, batch, warmup, rounds, dtypes, gen, compiled=None):
@@ -369,7 +374,7 @@ def bench_train(res, preset, cfg, unets, batch, warmup, rounds, dtypes, gen, com
         # FLOPs of forward + loss + backward (AdamW adds no matmul FLOPs), counted once per side on the eager model
         # (autocast only adds casts, which are not FLOPs, so one count serves every dtype)
         if flops is None:
-            flops = {name: count_flops(make_step_eager(unets[name], calls[name], "bf16-autocast", x, t, noise, context, mask))
+            flops = {name: count_flops(make_step_eager(unets[name], calls[name], BEST_TRAIN, x, t, noise, context, mask))
                      for name in unets}
         for opt in opts.values():
             opt.zero_grad(set_to_none=True)
@@ -426,7 +431,7 @@ def mini_sampler(cfg, seed):
     return model
 
 
-def diffusers_pipeline(cfg, dtype=torch.bfloat16):
+def diffusers_pipeline(cfg, dtype=BEST.dtype):
     """StableDiffusionPipeline around the same-size peer UNet and VAE (scaling_factor 1, as mini_sd's here), every
     component cast to dtype as from_pretrained(torch_dtype=dtype) would load it; no tokenizer / text encoder (see
     above), no safety checker, progress bar off."""
@@ -470,8 +475,10 @@ def sample_label(steps, guidance):
     return f"sample {steps} steps DPM++(2M), CFG {guidance:g}, end to end"
 
 
-SAMPLE_DTYPE = "bf16"
-SAMPLE_TARGETS = {4: 1.5, 16: 1.3}  # the issue's targets for the small preset: batch -> speed ratio
+SAMPLE_DTYPE = BEST.name
+# the issues' targets at the small preset: batch -> speed ratio; on a CPU without bf16 units, against the fp32 peer
+SAMPLE_TARGETS = {4: 1.5, 16: 1.3} if BF16_UNITS else {4: 1.3, 16: 1.3}
+TRAIN_TARGET = None if BF16_UNITS else 1.2  # the fp32 training step, without bf16 units
 
 
 def bench_sample(res, preset, cfg, batches, steps, guidance, warmup, rounds, seed):
@@ -481,8 +488,8 @@ def bench_sample(res, preset, cfg, batches, steps, guidance, warmup, rounds, see
     check_params("VAE decoder", model.vae.decoder, pipe.vae.decoder)
     pipe.scheduler.set_timesteps(steps)
     assert [int(t) for t in pipe.scheduler.timesteps] == list(model.scheduler.timesteps(steps)), "timesteps differ"
-    print(f"  sampling: mini_sd UNet {model.inference_copy('unet', mini_sd.choose_precision(CPU, 'bf16')).conv_in.weight.dtype} (inference copy), VAE "
-          f"{model.inference_copy('decoder', mini_sd.choose_precision(CPU, 'bf16')).conv_in.weight.dtype} (inference copy); diffusers StableDiffusionPipeline UNet {pipe.unet.dtype}, VAE "
+    print(f"  sampling: mini_sd UNet {model.inference_copy('unet', BEST).conv_in.weight.dtype} (inference copy), VAE "
+          f"{model.inference_copy('decoder', BEST).conv_in.weight.dtype} (inference copy); diffusers StableDiffusionPipeline UNet {pipe.unet.dtype}, VAE "
           f"{pipe.vae.dtype}; text: {cfg.text_encoder} on both sides; warm-up {warmup}, rounds {rounds}", flush=True)
     for batch in batches:
         prompts = coco_captions(batch, seed)
@@ -504,7 +511,7 @@ def profile_sample(cfg, batch, steps, guidance, seed, rounds, rows=10, tries=10)
 
     model, pipe = mini_sampler(cfg, seed), diffusers_pipeline(cfg)
     prompts, negative = coco_captions(batch, seed), [""] * batch
-    unet, sched = model.inference_copy("unet", mini_sd.choose_precision(CPU, "bf16")), pipe.scheduler
+    unet, sched = model.inference_copy("unet", BEST), pipe.scheduler
     context, mask = model.text_encoder(negative + prompts)
     x = torch.randn(batch, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=torch.Generator().manual_seed(seed))
     t = model.scheduler.timesteps(steps)[1]  # a second step: the one where DPM++(2M) uses its history in diffusers
@@ -704,122 +711,7 @@ def bench_vae(res, preset, cfg, vaes, batch, warmup, rounds, gen):
 
 
 # -----------------------------------------------------------------------------
-# Library sections: UNet-stage throughput with and without the latent cache, and text encoding per step
-
-# The latent-cache section's setups: the small preset at 32 and 64 px, and a factor-8 VAE as in diffusers'
-# train_text_to_image.py practice (Stable Diffusion's VAE shape, 4 levels and 2 layers per block, at a quarter of its
-# widths (128, 256, 512, 512)) at 64 px, which gives 8x8 latents to the same small UNet.
-CACHE_SETUPS = {
-    "small-32px": dict(image_size=32),
-    "small-64px": dict(image_size=64),
-    "f8-vae-64px": dict(image_size=64, vae_channels=(32, 64, 128, 128), vae_layers_per_block=2),
-}
-
-
-class Batches:
-    """A re-iterable of (images, captions) batches that is neither a Dataset nor a DataLoader: DiffusionModel.train
-    then VAE-encodes every step's images (and text-encodes its captions), as train() did before the latent cache."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        return iter(self.loader)
-
-
-def quiet(fn):
-    """fn() with train()'s progress lines and latent-cache message swallowed (stderr too: no tqdm bar either)."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return fn()
-
-
-def bench_cache(args, warmup, rounds):
-    """UNet-stage throughput through DiffusionModel.train on a CocoCaptions shapes dataset, three ways, interleaved:
-    cache: the Dataset itself, so train() trains on latents encoded once (model.latent_cache) and captions encoded
-           once (text_encoder.remember);
-    per step: a Batches wrapper around a DataLoader of the same dataset: every step loads and VAE-encodes its images
-           and text-encodes its captions (one batched forward), as the API did before;
-    per step, captions cached: the same, with the caption table filled first: only the VAE encoding (and image
-           loading) differs from the cache.
-    The VAE is untrained (scaling_factor set to 1: the cost does not depend on the weights). The one-time cost of the
-    cache (encoding every image once, and the distinct captions) is timed separately. -> markdown table."""
-    from torch.utils.data import DataLoader
-
-    steps, batch = args.cache_steps, args.cache_batch
-    default_steps = mini_sd.TRAINING["small"]["unet"]["steps"]
-    rows = []
-    for name in args.cache_setups:
-        cfg = mini_sd.Config.preset("small", **CACHE_SETUPS[name])
-        with tempfile.TemporaryDirectory() as tmp:
-            data = mini_sd.CocoCaptions(*mini_sd.make_shapes_dataset(tmp, n=args.cache_images, image_size=cfg.image_size,
-                                                                     seed=args.seed), cfg.image_size)
-            torch.manual_seed(args.seed)
-            model = mini_sd.DiffusionModel(cfg)
-            model.vae.scaling_factor.fill_(1.0)
-            print(f"  {name}: {cfg.image_size}px images -> {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size} latents, "
-                  f"VAE {cfg.vae_channels} x{cfg.vae_layers_per_block} (encoder {mini_sd.count_parameters(model.vae.encoder) / 1e6:.2f}M), "
-                  f"UNet {mini_sd.count_parameters(model.unet) / 1e6:.2f}M; {len(data)} images, batch {batch}, {steps} steps "
-                  f"per call, warm-up {warmup}, rounds {rounds}", flush=True)
-            all_captions = [c for _, caps in data.items for c in caps]
-            t0 = time.perf_counter()
-            quiet(lambda: model.latent_cache(data))
-            t_latents = time.perf_counter() - t0
-            model.text_encoder.table = {}
-            t0 = time.perf_counter()
-            model.text_encoder.remember(all_captions)
-            t_text = time.perf_counter() - t0
-            loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, num_workers=args.cache_workers,
-                                generator=torch.Generator().manual_seed(args.seed))
-            common = dict(stage="unet", steps=steps, batch_size=batch, seed=args.seed, log_every=10**9, num_workers=args.cache_workers)
-            fns = {"cache": lambda: quiet(lambda: model.train(data, **common)),
-                   "per step": lambda: quiet(lambda: model.train(Batches(loader), **common)),
-                   "per step, captions cached": lambda: quiet(lambda: model.train(Batches(loader), **common))}
-            remember = lambda: model.text_encoder.remember(all_captions)  # noqa: E731
-            setup = {"cache": remember, "per step": lambda: setattr(model.text_encoder, "table", {}),
-                     "per step, captions cached": remember}
-            times = interleaved(fns, warmup, rounds, setup)
-            ips = {k: steps * batch / statistics.median(v) for k, v in times.items()}
-            # a whole default small UNet run (TRAINING's steps at this batch) with the one-time cost paid once
-            cache_s = t_latents + t_text
-            run = {k: default_steps * batch / v for k, v in ips.items()}
-            per_step = {k: batch / v for k, v in ips.items()}
-            gain = per_step["per step"] - per_step["cache"]
-            row = dict(setup=name, images=len(data), batch=batch, ips=ips, t_latents=t_latents, t_text=t_text,
-                       ratio=ips["cache"] / ips["per step"], ratio_vae=ips["cache"] / ips["per step, captions cached"],
-                       ratio_run=run["per step"] / (run["cache"] + cache_s),
-                       break_even=cache_s / gain if gain > 0 else float("inf"))
-            rows.append(row)
-            spread = "  ".join(f"{k} {steps * batch / max(v):.0f}..{steps * batch / min(v):.0f}" for k, v in times.items())
-            print(f"    images/s: cache {ips['cache']:.1f}, per step {ips['per step']:.1f}, per step with captions cached "
-                  f"{ips['per step, captions cached']:.1f}  -> ratio {row['ratio']:.2f}x ({row['ratio_vae']:.2f}x VAE only); "
-                  f"one-time cache {t_latents:.1f} s latents + {t_text:.2f} s captions; ratio over a {default_steps}-step run "
-                  f"incl. the cache {row['ratio_run']:.2f}x, break-even after {row['break_even']:.0f} steps  [{spread}]",
-                  flush=True)
-            del model, fns, loader
-    lines = [
-        f"UNet stage through DiffusionModel.train (bf16 autocast, EMA, fused AdamW), {steps} steps per call at batch "
-        f"{batch}, medians of {rounds} interleaved rounds; images/s = steps x batch / wall time of the train() call. "
-        f"`cache`: the Dataset (latents and captions encoded once); `per step`: a re-iterable of DataLoader batches "
-        f"(images VAE-encoded and captions text-encoded every step, as before the cache; {args.cache_workers} loader "
-        f"workers); `captions cached`: the same with the caption table filled, so only the VAE differs. One-time cost: "
-        f"model.latent_cache over all images plus text_encoder.remember over all captions. Ratio incl. cache: a whole "
-        f"{default_steps}-step run (mini_sd.TRAINING['small']) at this batch, the one-time cost paid once.",
-        "",
-        "| setup | images | batch | cache img/s | per step img/s | per step, captions cached img/s | **speed-up** "
-        "| speed-up, VAE only | one-time cache s (latents + captions) | speed-up of a whole run incl. cache | break-even step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        i = r["ips"]
-        lines.append(f"| {r['setup']} | {r['images']} | {r['batch']} | {i['cache']:.1f} | {i['per step']:.1f} | "
-                     f"{i['per step, captions cached']:.1f} | **{r['ratio']:.2f}x** | {r['ratio_vae']:.2f}x | "
-                     f"{r['t_latents']:.1f} + {r['t_text']:.2f} | {r['ratio_run']:.2f}x | {r['break_even']:.0f} |")
-    small = [r for r in rows if r["setup"].startswith("small")]
-    if small:
-        lines.append("\nTarget: speed-up >= 2x at the small preset: " + ", ".join(
-            f"{r['setup']} {r['ratio']:.2f}x {'met' if r['ratio'] >= 2 else 'not met'}" for r in small) + ".")
-    return "\n".join(lines)
-
+# Library section: text encoding per step
 
 CAPTION_WORDS = dict(
     adj=("red", "small", "old", "white", "large", "wooden", "black", "young"),
@@ -854,7 +746,7 @@ def bench_text(args, warmup, rounds):
 
     def unet_step():  # as bench_train's: forward under bf16 autocast, fp32 MSE, backward, fused AdamW
         opt.zero_grad(set_to_none=True)
-        with autocast("bf16-autocast"):
+        with autocast(BEST_TRAIN):
             out = unet(x, t, context, mask)
         F.mse_loss(out.float(), noise).backward()
         opt.step()
@@ -893,13 +785,13 @@ def profile_train_step(cfg, unets, batch, gen, rows=12):
     x, t, noise, context, mask = make_inputs(cfg, batch, gen)
     for (name, unet), call in zip(unets.items(), (call_mini, call_diff)):
         unet.train()
-        step = make_step_eager(unet, call, "bf16-autocast", x, t, noise, context, mask)
+        step = make_step_eager(unet, call, BEST_TRAIN, x, t, noise, context, mask)
         step()  # warm-up
         unet.zero_grad(set_to_none=True)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
         unet.zero_grad(set_to_none=True)
-        print(f"\n  profile: {name}, one bf16-autocast training step (fwd+bwd, no optimiser), batch {batch}, "
+        print(f"\n  profile: {name}, one {BEST_TRAIN} training step (fwd+bwd, no optimiser), batch {batch}, "
               f"top {rows} by self CPU time")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
@@ -916,24 +808,24 @@ def main():
                         "sampling), base sampling in 10 steps")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--sections", nargs="*", default=["train", "sample", "vae"],
-                   choices=["train", "sample", "vae", "memory", "cache", "text"],
+                   choices=["train", "sample", "vae", "memory", "text"],
                    help="train, sample, vae: per preset, against diffusers (sample: end to end, DiffusionModel.sample "
                         "against a bf16 StableDiffusionPipeline); memory: peak RSS per configuration and side, each in a "
-                        "fresh process (--memory-presets); cache: UNet-stage images/s through DiffusionModel.train with "
-                        "and without the latent cache; text: caption encoding per step, one forward per caption vs one "
-                        "batched forward (memory, cache and text ignore --presets); none: `--sections --profile-sample` "
+                        "fresh process (--memory-presets); text: caption encoding per step, one forward per caption vs one "
+                        "batched forward (memory and text ignore --presets); none: `--sections --profile-sample` "
                         "runs the profile alone")
     p.add_argument("--train-batch", type=int, default=None, help="training batch (default: small 16, base 4)")
-    p.add_argument("--train-dtypes", nargs="+", default=["fp32", "bf16-autocast"], choices=["fp32", "bf16-autocast"])
+    p.add_argument("--train-dtypes", nargs="+", default=sorted({"fp32", BEST_TRAIN}), choices=["fp32", "bf16-autocast"],
+                   help="default: fp32, and bf16 autocast where this CPU has bf16 units")
     p.add_argument("--sample-batches", type=int, nargs="+", default=None,
                    help="prompts per sampling run (the UNet sees twice that); default: small 4 16, base 4")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 25; 10 for base with --quick)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--vae-batch", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per side (default per preset; 1 for cache and text)")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per measurement (default per preset; cache 3, text 5; --quick 1 and 2)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per side (default per preset; 1 for text)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per measurement (default per preset; text 5; --quick 1 and 2)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd UNet training steps")
-    p.add_argument("--compile-dtypes", nargs="+", default=["bf16-autocast"], choices=["fp32", "bf16-autocast"])
+    p.add_argument("--compile-dtypes", nargs="+", default=[BEST_TRAIN], choices=["fp32", "bf16-autocast"])
     p.add_argument("--profile", action="store_true", help="print a profiler table of one bf16 training step per side")
     p.add_argument("--profile-sample", action="store_true",
                    help="print a profiler table (top 10 ops by self CPU time) of one guided sampling step per side, "
@@ -941,18 +833,10 @@ def main():
     p.add_argument("--profile-batch", type=int, default=4, help="--profile-sample: prompts (the UNet sees twice that)")
     p.add_argument("--memory-presets", nargs="+", default=["small", "base"], choices=sorted(mini_sd.PRESETS),
                    help="memory section: presets whose UNet training step is measured (sampling: small)")
-    p.add_argument("--memory-dtypes", nargs="+", default=["bf16-autocast"], choices=["fp32", "bf16-autocast"],
+    p.add_argument("--memory-dtypes", nargs="+", default=[BEST_TRAIN], choices=["fp32", "bf16-autocast"],
                    help="memory section: training-step dtypes")
     p.add_argument("--memory-sample-batch", type=int, default=16, help="memory section: prompts per sampling run")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal: one memory configuration, JSON
-    p.add_argument("--cache-setups", nargs="+", default=list(CACHE_SETUPS), choices=list(CACHE_SETUPS),
-                   help="cache section: small preset at 32 / 64 px, and a factor-8 VAE at 64 px")
-    p.add_argument("--cache-steps", type=int, default=20, help="cache section: UNet steps per timed train() call")
-    p.add_argument("--cache-batch", type=int, default=mini_sd.TRAINING["small"]["unet"]["batch_size"],
-                   help="cache section: training batch (default: the small preset's)")
-    p.add_argument("--cache-images", type=int, default=2000, help="cache section: shapes images in the dataset "
-                                                                  "(train_coco.py's small default)")
-    p.add_argument("--cache-workers", type=int, default=0, help="cache section: loader processes of the per-step DataLoader")
     p.add_argument("--text-batch", type=int, default=64, help="text section: distinct captions per step (and the UNet step's batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
@@ -975,19 +859,14 @@ def main():
 
     print(f"mini_sd vs diffusers {diffusers.__version__} | torch {torch.__version__} | {platform.processor() or platform.machine()}"
           f" | {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
-          + (f" | TORCHINDUCTOR_COMPILE_THREADS={os.environ['TORCHINDUCTOR_COMPILE_THREADS']}" if args.compile else ""))
+          + (f" | TORCHINDUCTOR_COMPILE_THREADS={os.environ['TORCHINDUCTOR_COMPILE_THREADS']}" if args.compile else "")
+          + f"\n{cpu_line()}")
     peak = measure_peak(warmup=1, rounds=3 if args.quick else 5)
-    print(f"matmul peak (2048^3, median): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n", flush=True)
+    print("matmul peak (2048^3, median): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()) + "\n", flush=True)
     res = Results(peak)
     t_start = time.perf_counter()
 
     extra = []  # markdown tables of the library sections
-    if "cache" in args.sections:
-        print("== latent cache: UNet stage through DiffusionModel.train, Dataset (cached) vs re-iterable (encoded per step)",
-              flush=True)
-        extra.append(bench_cache(args, args.warmup if args.warmup is not None else 1,
-                                 args.rounds if args.rounds is not None else 1 if args.quick else 3))
-        print(flush=True)
     if "text" in args.sections:
         print("== text encoding per step: one forward per caption vs one batched forward", flush=True)
         extra.append(bench_text(args, args.warmup if args.warmup is not None else 1,
@@ -1042,9 +921,9 @@ def main():
         print(flush=True)
 
     header = (f"mini_sd vs diffusers {diffusers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-              f"matmul peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s (2048^3, this run). "
-              f"Medians of interleaved rounds; speed ratio = diffusers time / mini_sd time (> 1: mini_sd faster); "
-              f"items = training samples or images.")
+              f"{cpu_line()}. Matmul peak " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()) + " (2048^3, this run). "
+              "Medians of interleaved rounds; speed ratio = diffusers time / mini_sd time (> 1: mini_sd faster); "
+              "items = training samples or images.")
     table = f"{header}\n\n{res.table()}{res.targets()}" if res.rows else ""
     table = "\n\n".join([table] * bool(table) + extra)
     print(f"{table}\n\n(total {time.perf_counter() - t_start:.0f} s)")
