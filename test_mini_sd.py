@@ -666,6 +666,14 @@ def readme_example(test_sizes=True):  # the README's API example, at test sizes:
     return example
 
 
+def test_the_readme_test_command_is_the_one_ci_runs():
+    root = os.path.dirname(os.path.abspath(mini_sd.__file__))
+    setup = open(os.path.join(root, "README.md"), encoding="utf-8").read().split("## Set up")[1].split("\n## ")[0]
+    demo, tests = (block.split("\n```")[0] for block in setup.split("```bash\n")[1:3])
+    assert "train_coco.py" in demo and "pytest" in tests and "diffusers" in tests and "open_clip_torch" in tests
+    assert tests in open(os.path.join(root, ".ci", "run"), encoding="utf-8").read().splitlines()
+
+
 def test_pasting_the_file_into_a_notebook_cell_defines_everything_and_runs_nothing(monkeypatch, tmp_path):
     source = open(mini_sd.__file__, encoding="utf-8").read()
     monkeypatch.setattr("sys.argv", ["/usr/lib/python3/site-packages/ipykernel_launcher.py", "-f",
