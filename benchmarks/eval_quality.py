@@ -913,6 +913,13 @@ def markdown_pairs(R):
 # -----------------------------------------------------------------------------
 
 
+def json_or_text(value):  # a --set value: JSON (a list, a number, true), else the text itself (flow, a model name)
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -1005,7 +1012,7 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(f"--train-kwargs: {e}")
     try:
-        args.set = {k: json.loads(v) if v[:1] in "[{0123456789-tfn" else v for k, _, v in (i.partition("=") for i in args.set)}
+        args.set = {k: json_or_text(v) for k, _, v in (i.partition("=") for i in args.set)}
         mini_sd.Config.preset(args.preset, **args.set)
     except (ValueError, TypeError) as e:
         p.error(f"--set: {e}")
