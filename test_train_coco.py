@@ -191,6 +191,7 @@ def test_bad_input_gets_one_clear_line(full_run, tmp_path):
         "output folder file/out is not writable": ["--out", "file/out"],
         "image_size: checkpoint 32 != model 64": ["--preset", "small", "--out", "other", "--resume"],
         "unknown prediction_type 'flw'; choose from epsilon, v_prediction, flow": ["--set", "prediction_type=flw"],
+        "error: --init-from: ": ["--init-from", "no-such-user/no-such-model"],  # a hub name, offline: named as its flag
     }
     results = cli_errors("train_coco.py", [flags if "--preset" in flags else [*flags, "--preset", "tiny"]
                                            for flags in cases.values()], tmp_path)
@@ -224,7 +225,9 @@ def cli_errors(script, cases, cwd):
     p = subprocess.run([sys.executable, "-c", ERRORS, os.path.join(HERE, script), json.dumps(cases)], cwd=cwd, env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.splitlines()[-1])
+    results = json.loads(p.stdout.splitlines()[-1])
+    assert len(results) == len(cases)
+    return results
 
 
 def test_numbers_are_checked_before_anything_loads(tmp_path):
@@ -357,4 +360,5 @@ def test_the_readme_api_under_torchrun_trains_one_model_and_stops_together(tmp_p
     assert r0["nan"].endswith(os.path.join("nan-run", "ckpt-vae-0000002")) and r0["unchanged"] and r1["unchanged"]
     assert p.stdout.count("saved runs/api/ckpt-unet-0000004") == 1  # rank 0 alone logs
     assert r0.get("differ") == r1.get("differ") == "the VAE encoder differs between processes: build the model from " \
-        "one seed or checkpoint on each, as train() makes it"
+        "one seed or checkpoint on each, as train() makes it, and give each the same files"
+    assert not (tmp_path / "other-run" / "cache").exists()  # refused before anything is encoded or written
