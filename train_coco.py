@@ -99,11 +99,12 @@ def parse_args(argv):
 
 
 def make_config(args, preset):
+    fields, flag = dict(mini_sd.PRESETS[preset], preset_name=preset), "--init-from"
     try:
-        fields = dict(mini_sd.PRESETS[preset], preset_name=preset)
         if args.init_from and mini_sd.is_diffusers(args.init_from):  # Stable Diffusion: its architecture, schedule, text
             root = mini_sd.pretrained_folder(args.init_from, mini_sd.PIPELINE_FILES)
             fields = {**mini_sd.sd_config(root), "text_encoder": args.init_from}
+        flag = "--config/--set"
         if args.config:
             with open(args.config) as f:
                 fields.update(json.load(f))
@@ -118,7 +119,7 @@ def make_config(args, preset):
             raise ValueError(f"unknown Config field(s) {sorted(set(fields) - known)}; the fields are {sorted(known)}")
         return mini_sd.Config(**fields)
     except (OSError, ValueError) as e:
-        fail(f"--config/--set: {e}")
+        fail(f"{flag}: {e}")
 
 
 def load_data(args, rank):  # -> (dataset maker, preset): COCO, your folder, or the synthetic shapes

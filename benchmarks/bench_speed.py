@@ -154,12 +154,12 @@ def autocast(dtype):  # the library's bf16 autocast for "bf16-autocast", a disab
     return mini_sd.Precision("bf16" if dtype == "bf16-autocast" else "fp32", "").autocast(CPU)
 
 
-def measure_peak(warmup, rounds, n=2048):
-    """Matmul peak of this machine: median FLOP/s of an n^3 matmul, fp32 tensors and bf16 tensors."""
+def measure_peak(warmup, rounds, bf16, n=2048):
+    """Matmul peak of this machine: median FLOP/s of an n^3 matmul, fp32 tensors, and bf16 ones if asked."""
     g = torch.Generator().manual_seed(0)
     a32, b32 = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a16, b16 = a32.bfloat16(), b32.bfloat16()
-    fns = {"fp32": lambda: a32 @ b32, "bf16": lambda: a16 @ b16} if BF16_UNITS else {"fp32": lambda: a32 @ b32}
+    fns = {"fp32": lambda: a32 @ b32, "bf16": lambda: a16 @ b16} if bf16 else {"fp32": lambda: a32 @ b32}
     times = interleaved(fns, warmup, rounds)
     return {k: 2 * n**3 / statistics.median(v) for k, v in times.items()}
 
@@ -861,7 +861,8 @@ def main():
           f" | {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
           + (f" | TORCHINDUCTOR_COMPILE_THREADS={os.environ['TORCHINDUCTOR_COMPILE_THREADS']}" if args.compile else "")
           + f"\n{cpu_line()}")
-    peak = measure_peak(warmup=1, rounds=3 if args.quick else 5)
+    bf16 = BF16_UNITS or "bf16-autocast" in args.train_dtypes + args.compile_dtypes * args.compile
+    peak = measure_peak(warmup=1, rounds=3 if args.quick else 5, bf16=bf16)  # bf16 only where asked or fast
     print("matmul peak (2048^3, median): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()) + "\n", flush=True)
     res = Results(peak)
     t_start = time.perf_counter()
