@@ -1204,7 +1204,7 @@ class DiffusionModel(nn.Module):
             timesteps = timesteps[steps - max(1, round(steps * strength)):]
             t0 = torch.full((B,), timesteps[0], device=self.device)
             x = self.scheduler.add_noise(self.encode(init_image.expand(B, -1, -1, -1)), x, t0)
-        model_fn = self.guided_unet(prompts, negative, guidance_scale, guidance_rescale, guidance_interval, precision)
+        model_fn = guided_unet(self, prompts, negative, guidance_scale, guidance_rescale, guidance_interval, precision)
         was_training = self.training
         self.eval()
         with precision.matmuls():
@@ -1212,28 +1212,6 @@ class DiffusionModel(nn.Module):
         self.train(was_training)
         images = self.decode(x, precision.name)
         return (images + 1) / 2 if output_type == "pt" else to_pil(images)
-
-    def guided_unet(self, prompts, negative, scale, rescale, interval, precision):
-        """model_fn(x, t) for the sampler: classifier-free guidance, both halves in one batch, only where
-        low <= t / T <= high (Kynkaenniemi et al. 2024); elsewhere the conditional half alone, half the work."""
-        unet, (lo, hi), B, guided = self.inference_copy("unet", precision), interval, len(prompts), scale != 1.0
-        context, mask = self.text_encoder(negative + prompts if guided else prompts)
-
-        def model_fn(x, t):
-            both = guided and lo <= t / self.config.num_train_timesteps <= hi
-            xin, c, m = (torch.cat([x, x]), context, mask) if both else (x, context[-B:], mask[-B:])
-            out = unet(xin, torch.full((xin.shape[0],), t, device=self.device), c, m).float()
-            if not both:
-                return out
-            uncond, cond = out.chunk(2)
-            guided_out = uncond + scale * (cond - uncond)
-            if rescale:  # match the guided prediction's std to the conditional one's, image by image, then blend
-                dims = tuple(range(1, out.ndim))
-                rescaled = guided_out * cond.std(dim=dims, keepdim=True) / guided_out.std(dim=dims, keepdim=True)
-                guided_out = rescale * rescaled + (1 - rescale) * guided_out
-            return guided_out
-
-        return model_fn
 
     def inference_copy(self, part, precision):
         """What sample() runs, "unet" (the EMA, else the raw UNet) or "decoder", as a copy in the precision's dtype,
@@ -1347,6 +1325,29 @@ class DiffusionModel(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return self
+
+
+def guided_unet(model, prompts, negative, scale, rescale, interval, precision):
+    """model_fn(x, t) for the sampler: classifier-free guidance, both halves in one batch, only where
+    low <= t / T <= high (Kynkaenniemi et al. 2024); elsewhere the conditional half alone, half the work."""
+    unet, (lo, hi), B, guided = model.inference_copy("unet", precision), interval, len(prompts), scale != 1.0
+    context, mask = model.text_encoder(negative + prompts if guided else prompts)
+
+    def model_fn(x, t):
+        both = guided and lo <= t / model.config.num_train_timesteps <= hi
+        xin, c, m = (torch.cat([x, x]), context, mask) if both else (x, context[-B:], mask[-B:])
+        out = unet(xin, torch.full((xin.shape[0],), t, device=model.device), c, m).float()
+        if not both:
+            return out
+        uncond, cond = out.chunk(2)
+        guided_out = uncond + scale * (cond - uncond)
+        if rescale:  # match the guided prediction's std to the conditional one's, image by image, then blend
+            dims = tuple(range(1, out.ndim))
+            rescaled = guided_out * cond.std(dim=dims, keepdim=True) / guided_out.std(dim=dims, keepdim=True)
+            guided_out = rescale * rescaled + (1 - rescale) * guided_out
+        return guided_out
+
+    return model_fn
 
 
 # -----------------------------------------------------------------------------
