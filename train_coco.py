@@ -12,7 +12,6 @@ trains the `small` preset on the synthetic shapes dataset (same layout), on any 
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -98,6 +97,13 @@ def parse_args(argv):
     return args
 
 
+def json_or_text(value):  # a --set value: JSON (a list, a number, true), else the text itself (flow, a model name)
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def make_config(args, preset):
     fields, flag = dict(mini_sd.PRESETS[preset], preset_name=preset), "--init-from"
     try:
@@ -111,9 +117,7 @@ def make_config(args, preset):
         for key, sep, value in (item.partition("=") for item in args.set):
             if not sep:
                 raise ValueError(f"--set {key!r}: write FIELD=VALUE")
-            with contextlib.suppress(json.JSONDecodeError):  # else plain text, e.g. a text encoder's name
-                value = json.loads(value)
-            fields[key] = value
+            fields[key] = json_or_text(value)
         known = {f.name for f in dataclasses.fields(mini_sd.Config)}
         if set(fields) - known:
             raise ValueError(f"unknown Config field(s) {sorted(set(fields) - known)}; the fields are {sorted(known)}")

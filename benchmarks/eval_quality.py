@@ -94,6 +94,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 sys.path.insert(0, ROOT)
 import mini_sd  # noqa: E402
+from train_coco import json_or_text  # noqa: E402  (--set as train_coco.py reads it)
 
 COLOURS = list(mini_sd.SHAPE_COLOURS)
 SHAPES = list(mini_sd.SHAPES)
@@ -911,13 +912,6 @@ def markdown_pairs(R):
 
 
 # -----------------------------------------------------------------------------
-
-
-def json_or_text(value):  # a --set value: JSON (a list, a number, true), else the text itself (flow, a model name)
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
 
 
 def parse_args(argv=None):
