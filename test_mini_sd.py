@@ -984,11 +984,12 @@ def test_compile_options_reach_every_copy_that_sample_runs_and_keep_its_images()
     aot_eager traces through dynamo and autograd as inductor would, without a cold C++ build of a minute or more."""
     model = tiny_model(seed=1)
     randomise_output(model)
-    eager = pixels(model.sample([CAPTION], steps=3, seed=0, guidance_interval=(0, 1)))
+    # bf16 asked for on every CPU: sample() then runs copies of the UNet and decoder, the path compile() must reach
+    eager = pixels(model.sample([CAPTION], steps=3, seed=0, guidance_interval=(0, 1), precision="bf16"))
     model.inference = {}
     model.compile(backend="aot_eager")
-    compiled = pixels(model.sample([CAPTION], steps=3, seed=0, guidance_interval=(0, 1)))
-    precision = mini_sd.choose_precision(model.device)  # bf16 copies on a CPU with bf16 units, else the fp32 modules
+    compiled = pixels(model.sample([CAPTION], steps=3, seed=0, guidance_interval=(0, 1), precision="bf16"))
+    precision = mini_sd.choose_precision(model.device, "bf16")
     assert all(model.inference_copy(part, precision)._compiled_call_impl is not None for part in ("unet", "decoder"))
     assert eager.std() > 50 and (compiled - eager).abs().mean() < 1.0  # of 255
 
