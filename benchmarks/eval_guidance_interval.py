@@ -38,8 +38,9 @@ def main():
             out = C.generate(model, judge.jobs, "dpm++", int(steps), float(guidance), C.SAMPLE_BATCH,
                              guidance_interval=(float(low), float(high)))
             seconds = time.time() - t0
-            print(json.dumps({"checkpoint": checkpoint, "guidance,low,high,steps": spec, "fid": round(judge.fid_of(out), 2),
-                              "accuracy": round(judge.accuracy(out), 1), "sampling_s": round(seconds, 1)}), flush=True)
+            print(json.dumps({"checkpoint": checkpoint, "guidance,low,high,steps": spec,
+                              "fid": round(judge.fid_of(out), 2), "accuracy": round(judge.accuracy(out), 1),
+                              "sampling_s": round(seconds, 1)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@
 
 A fixed model function (linear in x, depending on t) is sampled for 10 steps from seeded float64 noise with DDIM
 (eta 0 and 1), DDPM and DPM-Solver++(2M), in two settings: "v-ztsnr" (v-prediction, zero terminal
-SNR, trailing spacing: DDPM schedulers cannot take mini_sd's default rectified flow) and "sd" (Stable Diffusion's: epsilon, leading spacing with steps_offset=1). For each case it
-prints (mean, mean of squares, four fixed elements) of the final sample. Noise for eta > 0 comes from one CPU generator
-seeded SEED + 1, drawn in float64 (one draw of x's shape per step), as diffusers' DDIM/DDPM do.
+SNR, trailing spacing: DDPM schedulers cannot take mini_sd's default rectified flow) and "sd" (Stable Diffusion's:
+epsilon, leading spacing with steps_offset=1). For each case it prints (mean, mean of squares, four fixed elements)
+of the final sample. Noise for eta > 0 comes from one CPU generator seeded SEED + 1, drawn in float64 (one draw of
+x's shape per step), as diffusers' DDIM/DDPM do.
 
 Where diffusers differs from mini_sd only in a constant, the script sets diffusers' tensors to mini_sd's values:
   * alphas_cumprod: diffusers builds it in float32 and, for zero terminal SNR, keeps alphas_cumprod[-1] = 0 (DDIM,
@@ -30,7 +31,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mini_sd  # noqa: E402
 
-SETTINGS = {"v-ztsnr": dict(prediction_type="v_prediction"), "sd": dict(prediction_type="epsilon", zero_terminal_snr=False, timestep_spacing="leading")}
+SETTINGS = {"v-ztsnr": dict(prediction_type="v_prediction"),
+            "sd": dict(prediction_type="epsilon", zero_terminal_snr=False, timestep_spacing="leading")}
 SAMPLERS = {"ddim0": ("ddim", 0.0), "ddim1": ("ddim", 1.0), "ddpm": ("ddpm", 1.0), "dpm++": ("dpm++", 0.0)}
 STEPS, SEED, SHAPE = 10, 0, (2, 4, 8, 8)
 ELEMENTS = [(0, 0, 0, 0), (0, 2, 3, 5), (1, 1, 4, 2), (1, 3, 7, 7)]

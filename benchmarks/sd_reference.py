@@ -77,5 +77,6 @@ def dpm_solver(pipe, model, steps):
     from diffusers import DPMSolverMultistepScheduler
 
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
-                                                             solver_order=2, lower_order_final=True, final_sigmas_type="zero")
+                                                             solver_order=2, lower_order_final=True,
+                                                             final_sigmas_type="zero")
     return model.scheduler.timesteps(steps)
