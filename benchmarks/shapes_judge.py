@@ -149,13 +149,32 @@ def read_labels(captions_file, parse=parse_caption):
     return [(files[i], labels[i]) for i in sorted(files) if i in labels]
 
 
-def build_shapes(root, n, image_size, seed, heldout=(), objects=1):
+def evenly(coco, parse, units, n, seed):
+    """The ids of n images spread as evenly as the pool allows over its distinct scenes (one object: its
+    combination; two: both objects and their relation), taken round-robin over the scenes in a seeded order."""
+    scene, scenes = {}, {}
+    for ann in coco["annotations"]:  # an image's captions all name its one scene: the first that parses
+        if ann["image_id"] not in scene and (lab := parse(ann["caption"])):
+            scene[ann["image_id"]] = frozenset(units(lab))
+    for i, k in scene.items():
+        scenes.setdefault(k, []).append(i)
+    groups = [scenes[k] for k in sorted(scenes, key=sorted)]
+    np.random.default_rng(seed).shuffle(groups)
+    order = [ids[j] for j in range(max(map(len, groups))) for ids in groups if j < len(ids)]
+    if len(order) < n:
+        raise ValueError(f"--balanced {n}: the pool holds only {len(order)} images; raise --n")
+    return set(order[:n])
+
+
+def build_shapes(root, n, image_size, seed, heldout=(), objects=1, balanced=None):
     """make_shapes_dataset into root, then drop the images (files and captions) of the held-out combinations
-    (objects=2: of the scenes with a held-out fact). Reused when root/eval_data.json says it was built with the
-    same settings."""
+    (objects=2: of the scenes with a held-out fact); balanced: keep that many of the rest, spread evenly over the
+    distinct scenes (evenly). Reused when root/eval_data.json says it was built with the same settings."""
     meta = {"n": n, "image_size": image_size, "seed": seed, "heldout": [list(c) for c in heldout]}
     if objects != 1:
         meta["objects"] = objects
+    if balanced:
+        meta["balanced"] = balanced
     # the held-out unit of a label: the combination itself, or a scene's two facts
     parse, units, thirds = (parse_caption, lambda lab: {lab}, POSITIONS) if objects == 1 else (parse_pair, facts, RELATIONS)
     meta_file = os.path.join(root, "eval_data.json")
@@ -170,6 +189,10 @@ def build_shapes(root, n, image_size, seed, heldout=(), objects=1):
     with open(captions_file) as f:
         coco = json.load(f)
     drop = {ann["image_id"] for ann in coco["annotations"] if (lab := parse(ann["caption"])) and units(lab) & held}
+    if balanced:
+        kept = evenly({**coco, "annotations": [a for a in coco["annotations"] if a["image_id"] not in drop]}, parse,
+                      units, balanced, seed)
+        drop |= {im["id"] for im in coco["images"]} - kept
     for im in coco["images"]:
         if im["id"] in drop:
             os.remove(os.path.join(image_dir, im["file_name"]))
