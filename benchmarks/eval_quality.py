@@ -3,15 +3,15 @@
 it never saw in training? Scored from the pixels alone, no learned judge.
 
     pip install -r requirements.txt -r benchmarks/requirements.txt
-    HF_HUB_OFFLINE=1 python benchmarks/eval_quality.py               # train small (~10-15 min on 2 cores), evaluate (~10)
+    HF_HUB_OFFLINE=1 python benchmarks/eval_quality.py               # train small (~10-15 min, 2 cores), evaluate (~10)
     HF_HUB_OFFLINE=1 python benchmarks/eval_quality.py --quick       # smoke test: tiny preset, about a minute
     HF_HUB_OFFLINE=1 python benchmarks/eval_quality.py --two-objects # two shapes and their relation (see below)
-    python benchmarks/eval_quality.py --model runs/eval-quality/run  # evaluate a run folder (or a ckpt-* folder), no training
-    python benchmarks/eval_quality.py --fid                          # adds FID on the shapes (Inception on CPU: minutes)
+    python benchmarks/eval_quality.py --model runs/eval-quality/run  # evaluate a run or ckpt-* folder, no training
+    python benchmarks/eval_quality.py --fid                          # adds FID on the shapes (CPU Inception: minutes)
     python benchmarks/eval_quality.py --threads 1 ...                # on a machine busy with another job (see --help)
-    python benchmarks/eval_quality.py --fid-real coco/val2017 --fid-fake samples/        # FID of two folders, nothing else
+    python benchmarks/eval_quality.py --fid-real coco/val2017 --fid-fake samples/  # FID of two folders, nothing else
     python benchmarks/eval_quality.py --model runs/coco --fid-real coco/val2017 \\
-        --fid-captions coco/annotations/captions_val2017.json --fid-n 1000              # COCO FID of a model
+        --fid-captions coco/annotations/captions_val2017.json --fid-n 1000         # COCO FID of a model
 
 What it does:
   1. Data: the synthetic shapes dataset (mini_sd.make_shapes_dataset, one shape of 5 colours x 3 shapes x 5 positions
@@ -139,7 +139,8 @@ def train(args, data_dir, run_dir, heldout):
              "unet": args.unet_steps if args.unet_steps is not None else defaults["unet"]["steps"]}
     settings = {"preset": args.preset, "vae_steps": steps["vae"], "unet_steps": steps["unet"], "seed": args.seed,
                 "config": args.set, "text_context": args.text_context, "vae_from": args.vae_from,
-                "data": os.path.abspath(data_dir), "heldout": [list(c) for c in heldout], "train_kwargs": args.train_kwargs}
+                "data": os.path.abspath(data_dir), "heldout": [list(c) for c in heldout],
+                "train_kwargs": args.train_kwargs}
     if args.two_objects:
         settings["objects"] = 2
     if args.balanced:
@@ -200,7 +201,8 @@ def make_jobs(seen, heldout, seeds, prompt=prompt_one):
 
 
 
-def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir, rescale=0.0, record=record_one, attrs=ATTRS):
+def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir, rescale=0.0, record=record_one,
+               attrs=ATTRS):
     t0 = time.time()
     images = generate(model, jobs, sampler, steps, guidance, args.batch_size, guidance_rescale=rescale,
                       guidance_interval=args.guidance_interval)
@@ -213,8 +215,8 @@ def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir, r
     cols = cols if cols > 1 else min(6, len(jobs))
     grid_path = os.path.join(samples_dir, re.sub(r"[^\w.+-]", "_", name) + ".png")
     mini_sd.make_grid([images[i] for i in order], cols=cols).save(grid_path)
-    res = {"name": name, "sampler": sampler, "steps": steps, "guidance": guidance, "rescale": rescale, "images": len(jobs),
-           "seconds": round(seconds, 1), "s_per_image": round(seconds / max(1, len(jobs)), 3),
+    res = {"name": name, "sampler": sampler, "steps": steps, "guidance": guidance, "rescale": rescale,
+           "images": len(jobs), "seconds": round(seconds, 1), "s_per_image": round(seconds / max(1, len(jobs)), 3),
            "seen": accuracy([r for r in recs if r["split"] == "seen"], attrs),
            "heldout": accuracy([r for r in recs if r["split"] == "heldout"], attrs),
            "pooled": accuracy(recs, attrs), "grid": grid_path, "records": recs}
@@ -241,15 +243,18 @@ def reconstruction_grid(real, recon, samples_dir):  # real images on the odd row
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--out", default=None, help="work folder: data/, val/, run/ (training), samples/, report (default "
                                   "runs/eval-quality, with --two-objects runs/eval-quality-two)")
-    a("--two-objects", action="store_true", help="two shapes and their relation per image (see 'Two objects' below)")
-    a("--model", default=None, help="evaluate this model instead of training: a run folder (DiffusionModel.train's out, "
-                                    "train_coco.py's --out: its latest checkpoint), a ckpt-* folder or a DiffusionModel.save folder")
-    a("--quick", action="store_true", help="smoke test: tiny preset, very short training (it learns next to nothing), few images: about a minute")
+    a("--two-objects", action="store_true",
+      help="two shapes and their relation per image (see 'Two objects' below)")
+    a("--model", default=None, help="evaluate this model instead of training: a run folder (DiffusionModel.train's "
+                                    "out, train_coco.py's --out: its latest checkpoint), a ckpt-* folder or a "
+                                    "DiffusionModel.save folder")
+    a("--quick", action="store_true", help="smoke test: tiny preset, very short training (it learns next to nothing), "
+                                           "few images: about a minute")
     a("--preset", default=None, choices=sorted(mini_sd.PRESETS), help="model size to train (default small)")
     a("--vae-steps", type=int, default=None, help="VAE training steps (default: mini_sd.TRAINING[preset]['vae'])")
     a("--unet-steps", type=int, default=None, help="UNet training steps (default: mini_sd.TRAINING[preset]['unet'])")
@@ -261,19 +266,22 @@ def parse_args(argv=None):
     a("--n", type=int, default=None, help="shapes images generated before the held-out ones are dropped (default 2000)")
     a("--balanced", type=int, default=None, help="keep this many training images (after the held-out ones are "
       "dropped), spread evenly over the distinct scenes: balanced coverage of pairs and relations (raise --n)")
-    a("--set", action="append", default=[], metavar="FIELD=VALUE", help="a Config field for the model trained (JSON value "
-      "or text), repeatable: --set attention_levels=[true,true,true]")
-    a("--vae-from", default=None, help="take the VAE (weights and latent scale) from this checkpoint and skip the VAE stage")
+    a("--set", action="append", default=[], metavar="FIELD=VALUE", help="a Config field for the model trained (JSON "
+      "value or text), repeatable: --set attention_levels=[true,true,true]")
+    a("--vae-from", default=None,
+      help="take the VAE (weights and latent scale) from this checkpoint and skip the VAE stage")
     a("--text-context", choices=["tokens", "no-positions", "pooled"], default="tokens", help="ablation: what the UNet "
       "reads of a prompt (see text_context)")
     a("--heldout", type=int, default=12, help="held-out combinations (of 75), or with --two-objects facts (of 60)")
     a("--heldout-seed", type=int, default=0)
     a("--seen-prompts", type=int, default=None, help="seen combinations prompted (default: as many as held out)")
-    a("--images-per-prompt", type=int, default=None, help="seeds per prompt (default 8: 96 images per split and configuration)")
+    a("--images-per-prompt", type=int, default=None,
+      help="seeds per prompt (default 8: 96 images per split and configuration)")
     a("--seeds", default=None, help="explicit comma-separated seeds (overrides --images-per-prompt)")
     a("--seed", type=int, default=0, help="training seed and FID sampling seed")
     a("--val-n", type=int, default=None, help="real validation images for the scorer and the VAE (default 500)")
-    a("--guidance", type=float, default=mini_sd.GUIDANCE_SCALE, help="classifier-free guidance scale of the sampler comparison")
+    a("--guidance", type=float, default=mini_sd.GUIDANCE_SCALE,
+      help="classifier-free guidance scale of the sampler comparison")
     a("--guidance-sweep", default="1,2,3,5,7.5", help="guidance scales tried at DPM-Solver++ 20 ('' to skip)")
     a("--guidance-interval", type=float, nargs=2, default=mini_sd.GUIDANCE_INTERVAL, metavar=("LOW", "HIGH"),
       help="sample(guidance_interval=...) for every generated image: guidance only where LOW <= t / T <= HIGH")
@@ -287,18 +295,20 @@ def parse_args(argv=None):
     a("--skip-ddim", action="store_true")
     a("--batch-size", type=int, default=48, help="prompts per sampling call (the UNet sees twice that with guidance)")
     a("--fid", action="store_true", help="also compute FID on the shapes (generated vs real, with reference points)")
-    a("--fid-n", type=int, default=None, help="images per set for FID (default 200 on shapes, 1000 with --fid-captions)")
-    a("--fid-real", default=None, help="folder of real images; with --fid-fake (or --fid-captions) only FID is computed")
+    a("--fid-n", type=int, default=None,
+      help="images per set for FID (default 200 on shapes, 1000 with --fid-captions)")
+    a("--fid-real", default=None,
+      help="folder of real images; with --fid-fake (or --fid-captions) only FID is computed")
     a("--fid-fake", default=None, help="folder of generated images to compare with --fid-real")
     a("--fid-captions", default=None, help="COCO captions JSON for --fid-real: generate one image per real image")
-    a("--fid-size", type=int, default=None, help="images are resized and centre-cropped to this first (default: the model's size; "
-                                                 "256 for --fid-fake)")
+    a("--fid-size", type=int, default=None, help="images are resized and centre-cropped to this first (default: the "
+                                                 "model's size; 256 for --fid-fake)")
     a("--fid-steps", type=int, default=20, help="DPM-Solver++ steps for FID images")
     a("--out-md", default=None, help="markdown report (default OUT/report.md)")
     a("--out-json", default=None, help="all numbers as JSON (default OUT/results.json)")
     a("--threads", type=int, default=None, help="torch threads for training and evaluation (default: torch's "
-                                               "own; use 1 on a machine busy with another job: oversubscribed cores slow "
-                                               "small batches down many times over)")
+                                               "own; use 1 on a machine busy with another job: oversubscribed cores "
+                                               "slow small batches down many times over)")
     a("--strict", action="store_true", help="exit 1 when a target fails")
     args = p.parse_args(argv)
     q = args.quick
@@ -373,8 +383,8 @@ def data_and_model(args, timings):
                 f"its training data lacked them")
     else:
         image_size = mini_sd.Config.preset(args.preset, **args.set).image_size
-        data_dir, captions = build_shapes(os.path.join(args.out, "data"), args.n, image_size, args.seed, heldout, objects,
-                                          args.balanced)
+        data_dir, captions = build_shapes(os.path.join(args.out, "data"), args.n, image_size, args.seed, heldout,
+                                          objects, args.balanced)
         train_images = len(read_labels(captions, parse_pair if args.two_objects else parse_caption))
         log(f"data: {train_images} training images in {data_dir} ({args.n} generated, those of {len(heldout)} "
             f"held-out {'facts' if args.two_objects else 'combinations'} dropped"
@@ -386,8 +396,9 @@ def data_and_model(args, timings):
     model = text_context(mini_sd.DiffusionModel.load(model_dir), args.text_context)
     cfg = model.config
     preset = next((k for k, v in mini_sd.PRESETS.items() if mini_sd.Config.preset(k) == cfg), "custom")
-    log(f"model: {model_dir} ({preset} preset, {cfg.image_size} px, UNet {mini_sd.count_parameters(model.unet) / 1e6:.1f}M "
-        f"params, EMA {'yes' if model.ema_unet is not None else 'no'}) on {model.device}")
+    log(f"model: {model_dir} ({preset} preset, {cfg.image_size} px, "
+        f"UNet {mini_sd.count_parameters(model.unet) / 1e6:.1f}M params, "
+        f"EMA {'yes' if model.ema_unet is not None else 'no'}) on {model.device}")
     return model, {"model_dir": model_dir, "preset": preset, "train_seconds": train_seconds,
                    "train_images": train_images, "heldout": heldout}
 
@@ -505,7 +516,8 @@ def main_one(args, model, run, timings, T0):
     """One object per image, after data_and_model: scorer check, VAE, generation, rescale table, FID, targets."""
     heldout = run["heldout"]
     seen = choose_seen(args.seen_prompts, heldout, args.heldout_seed)
-    (val_images, val_labels, recon), scorer_real, vae, (real_recs, recon_recs) = score_real_one(args, model, heldout, timings)
+    real, scorer_real, vae, (real_recs, recon_recs) = score_real_one(args, model, heldout, timings)
+    val_images, val_labels, recon = real
     jobs = make_jobs(seen, heldout, args.seeds)
     ddpm_n = len(make_jobs(seen, heldout, args.seeds[:1])) if args.ddpm_images is None else args.ddpm_images
     plan = sampler_plan(args, jobs, ddpm_n)
@@ -513,17 +525,18 @@ def main_one(args, model, run, timings, T0):
     rescale_rows = [(g, r) for g in dict.fromkeys(args.rescale_guidance) for r in dict.fromkeys(args.guidance_rescale)]
     plan += [("dpm++", 20, g, jobs, r) for g, r in rescale_rows
              if not any(c[0] == "dpm++" and c[1] == 20 and c[2] == g and c[4] == r for c in plan)]
-    log(f"generation: {len(seen)} seen + {len(heldout)} held-out prompts x {len(args.seeds)} seeds = {len(jobs)} images "
-        f"per configuration (DDPM: {min(ddpm_n, len(jobs))})")
+    log(f"generation: {len(seen)} seen + {len(heldout)} held-out prompts x {len(args.seeds)} seeds = {len(jobs)} "
+        f"images per configuration (DDPM: {min(ddpm_n, len(jobs))})")
     configs = run_plan(model, plan, args, os.path.join(args.out, "samples"), timings)
     dpm20 = configs[0]  # DPM-Solver++ 20 at --guidance: the targets' row
     # the rescale table: accuracy and outline statistics per (guidance, rescale), real images and reconstructions first
     rescale = {"reference": {"real images": outline_stats(real_recs), "VAE reconstructions": outline_stats(recon_recs)},
                "rows": []}
     for g, r in rescale_rows:
-        c = next(c for c in configs if c["sampler"] == "dpm++" and c["steps"] == 20 and c["guidance"] == g and c["rescale"] == r)
-        rescale["rows"].append({"guidance": g, "rescale": r, "name": c["name"], "images": c["images"], "pooled": c["pooled"],
-                                "seen_all": c["seen"]["all"], "heldout_all": c["heldout"]["all"],
+        c = next(c for c in configs
+                 if c["sampler"] == "dpm++" and c["steps"] == 20 and c["guidance"] == g and c["rescale"] == r)
+        rescale["rows"].append({"guidance": g, "rescale": r, "name": c["name"], "images": c["images"],
+                                "pooled": c["pooled"], "seen_all": c["seen"]["all"], "heldout_all": c["heldout"]["all"],
                                 "outline": outline_stats(c["records"]), "grid": c["grid"]})
     per_heldout = tally(dpm20["records"], lambda t: " ".join(t[:2]) + " / " + t[2])
     fid_res = fid_on_shapes(args, model, val_images, val_labels, recon, timings) if args.fid else None
@@ -532,10 +545,11 @@ def main_one(args, model, run, timings, T0):
     diff = None if ddim is None else dpm20["pooled"]["all"] - ddim["pooled"]["all"]
     targets = [threshold(f"seen all-three >= {TARGETS['seen_all']:g}% (DPM-Solver++ 20)", dpm20["seen"]["all"],
                          TARGETS["seen_all"]),
-               threshold(f"held-out all-three >= {TARGETS['heldout_all']:g}% (DPM-Solver++ 20)", dpm20["heldout"]["all"],
-                         TARGETS["heldout_all"]),
+               threshold(f"held-out all-three >= {TARGETS['heldout_all']:g}% (DPM-Solver++ 20)",
+                         dpm20["heldout"]["all"], TARGETS["heldout_all"]),
                {"target": f"DPM-Solver++ 20 within {TARGETS['dpm_vs_ddim']:g} points of DDIM 50 (all-three, pooled)",
-                "value": "n/a" if diff is None else f"{dpm20['pooled']['all']:.1f} vs {ddim['pooled']['all']:.1f} ({diff:+.1f})",
+                "value": ("n/a" if diff is None
+                          else f"{dpm20['pooled']['all']:.1f} vs {ddim['pooled']['all']:.1f} ({diff:+.1f})"),
                 "result": "n/a" if diff is None else "PASS" if abs(diff) <= TARGETS["dpm_vs_ddim"] else "FAIL"}]
     timings["total"] = time.time() - T0
     R = {"setup": setup(args, run, model, seen=[list(c) for c in seen]), "scorer_real": scorer_real, "vae": vae,
@@ -548,7 +562,8 @@ def main_pairs(args, model, run, timings, T0):
     """--two-objects after data_and_model: scorer check on real pairs, VAE, generation, targets, report."""
     heldout, rng = run["heldout"], np.random.RandomState(args.heldout_seed + 2)
     held_scenes = [with_partner(f, heldout, rng) for f in heldout]
-    seen_scenes = [with_partner(f, heldout, rng) for f in choose_seen(args.seen_prompts, heldout, args.heldout_seed, RELATIONS)]
+    seen_facts = choose_seen(args.seen_prompts, heldout, args.heldout_seed, RELATIONS)
+    seen_scenes = [with_partner(f, heldout, rng) for f in seen_facts]
     held = {tuple(f) for f in heldout}
     assert all(len(facts(sc) & held) == 1 for sc in held_scenes) and not any(facts(sc) & held for sc in seen_scenes)
 

@@ -8,8 +8,9 @@ from shapes_judge import ATTRS, PAIR_ATTRS, outline_stats
 def model_line(s):  # the report's line on where the model came from
     if s.get("train_images") is None:
         return f"Model: `{s['model']}` (given with --model, not trained here)."
-    return (f"Model: `{s['model']}`" + (f", trained here in {s['train_seconds']:.0f}s" if s.get("train_seconds") else "")
-            + f" (VAE steps: {s['vae_steps']}, UNet steps: {s['unet_steps']}; {s['train_images']} training images).")
+    trained = f", trained here in {s['train_seconds']:.0f}s" if s.get("train_seconds") else ""
+    return (f"Model: `{s['model']}`{trained} (VAE steps: {s['vae_steps']}, UNet steps: {s['unet_steps']}; "
+            f"{s['train_images']} training images).")
 
 
 def guidance_text(s):  # "5.0 (where 0 <= t / T <= 0.6)"; reports from before the interval existed guided every step
@@ -69,8 +70,8 @@ def markdown(R):
              *accuracy_cells(c["heldout"], ATTRS), solidity(outline_stats(c["records"])), f"{c['seconds']:.0f}",
              f"{c['s_per_image']:.2f}"] for c in R["configs"] if not c.get("rescale")]  # rescale: in its own table
     L += md_table("sampler | steps | guidance | images | seen colour | seen shape | seen position | **seen all** | "
-                  "held-out colour | held-out shape | held-out position | **held-out all** | solidity square / triangle "
-                  "| time (s) | s/image", rows, align="lr")
+                  "held-out colour | held-out shape | held-out position | **held-out all** | "
+                  "solidity square / triangle | time (s) | s/image", rows, align="lr")
     ref = R["rescale"]["reference"]
     L.append("\nAccuracies in %, per generated image, judged by the pixel scorer. Rows with guidance other than "
              f"{s['guidance']:g} are the guidance sweep. Solidity: the object's area over its convex hull's, mean over "
@@ -96,7 +97,8 @@ def markdown_pairs(R):
          f"Held-out facts ({len(s['heldout'])}, no training image has an object of that colour and shape in that "
          "relation to the other): " + ", ".join(f"{c} {sh} {r} ..." for c, sh, r in s["heldout"]) + ".",
          f"Prompts: {len(s['heldout_prompts'])} held-out, {len(s['seen_prompts'])} seen; {s['images_per_prompt']} "
-         f"images per prompt, guidance {guidance_text(s)} unless stated. Device: {s['device']}, {s['threads']} threads.\n",
+         f"images per prompt, guidance {guidance_text(s)} unless stated. Device: {s['device']}, "
+         f"{s['threads']} threads.\n",
          f"Scorer on {sc['n']} real two-object images (validation set, not trained on): two objects found "
          f"{fmt(sc['found'])}%, colours {fmt(sc['colour'])}%, shapes {fmt(sc['shape'])}%, relation "
          f"{fmt(sc['relation'])}%, all correct {fmt(sc['all'])}%. VAE reconstruction PSNR {v['psnr']:.2f} dB; "
@@ -106,9 +108,9 @@ def markdown_pairs(R):
     L += md_table("sampler | steps | guidance | images | seen found | seen colours | seen shapes | seen binding | "
                   "seen relation | **seen all** | held-out found | held-out colours | held-out shapes | held-out "
                   "binding | held-out relation | **held-out all** | time (s)", rows, align="lr")
-    L.append("\nAccuracies in %, per generated image, judged by the pixel scorer: found = two objects; colours, shapes = "
-             "both objects' right; binding = each object its own colour and shape; relation = the first object's to the "
-             "second; all = binding and relation. Rows with guidance "
+    L.append("\nAccuracies in %, per generated image, judged by the pixel scorer: found = two objects; colours, "
+             "shapes = both objects' right; binding = each object its own colour and shape; relation = the first "
+             "object's to the second; all = binding and relation. Rows with guidance "
              f"other than {s['guidance']:g} are the guidance sweep.\n")
     L.append("Held-out prompts at DPM-Solver++ 20 (all correct / images): "
              + ", ".join(f"{k} {v}" for k, v in R["per_heldout"].items()) + ".\n")

@@ -33,7 +33,8 @@ ATTRS = ("colour", "shape", "position", "all")
 #          every direction (0); the drawn triangle happens to give 0 too. Unlike the fill ratio this barely moves when
 #          a blurry decoder rounds the corners of a square.
 # A shape is the nearest prototype in (fill, skew, diag), each scaled by SHAPE_SCALE.
-SHAPE_PROTO = {"square": (1.0, 0.0, 0.6), "circle": (math.pi / 4, 0.0, 0.0), "triangle": (0.5, -2 * math.sqrt(2) / 5, 0.0)}
+SHAPE_PROTO = {"square": (1.0, 0.0, 0.6), "circle": (math.pi / 4, 0.0, 0.0),
+               "triangle": (0.5, -2 * math.sqrt(2) / 5, 0.0)}
 SHAPE_SCALE = (0.25, 0.25, 0.2)
 # An object: pixels at least ROUGH (RGB distance) from the background, a blob of at least MIN_FRAC of the image; a
 # second object at least MIN_SECOND of the first's pixels (drawn pairs: 0.39 at least), so that specks and fragments
@@ -42,7 +43,8 @@ ROUGH, MIN_FRAC, MIN_SECOND = 40.0, 0.002, 0.15
 
 # two-object scenes (--two-objects): (colour, shape, relation, colour2, shape2), the relation read from the first object
 RELATIONS = list(mini_sd.RELATIONS)
-CONVERSE = {r: next(k for k, v in mini_sd.RELATIONS.items() if v == (-dx, -dy)) for r, (dx, dy) in mini_sd.RELATIONS.items()}
+CONVERSE = {r: next(k for k, v in mini_sd.RELATIONS.items() if v == (-dx, -dy))
+            for r, (dx, dy) in mini_sd.RELATIONS.items()}
 PAIR_PROMPT = "a {c} {s} {r} a {c2} {s2}"  # mini_sd.PAIR_CAPTION_TEMPLATES[0] (the converse one has the same form)
 PAIR_RE = re.compile(r"^a (\w+) (\w+) (.+) a (\w+) (\w+)$")
 # found: two objects; colour, shape: both objects right; binding: each object its own colour and shape; relation
@@ -58,7 +60,8 @@ def parse_caption(caption):
 
 def parse_pair(caption):
     m = PAIR_RE.match(caption.strip())
-    if m and {m.group(1), m.group(4)} <= set(COLOURS) and {m.group(2), m.group(5)} <= set(SHAPES) and m.group(3) in RELATIONS:
+    if (m and {m.group(1), m.group(4)} <= set(COLOURS) and {m.group(2), m.group(5)} <= set(SHAPES)
+            and m.group(3) in RELATIONS):
         return m.group(1), m.group(2), m.group(3), m.group(4), m.group(5)
     return None
 
@@ -176,7 +179,8 @@ def build_shapes(root, n, image_size, seed, heldout=(), objects=1, balanced=None
     if balanced:
         meta["balanced"] = balanced
     # the held-out unit of a label: the combination itself, or a scene's two facts
-    parse, units, thirds = (parse_caption, lambda lab: {lab}, POSITIONS) if objects == 1 else (parse_pair, facts, RELATIONS)
+    parse, units, thirds = ((parse_caption, lambda lab: {lab}, POSITIONS) if objects == 1
+                            else (parse_pair, facts, RELATIONS))
     meta_file = os.path.join(root, "eval_data.json")
     captions_file = os.path.join(root, "annotations", "captions_train2017.json")
     if os.path.isfile(meta_file) and os.path.isfile(captions_file):
@@ -265,7 +269,8 @@ def _dilate(mask, r):
 
 
 def _upsample(a, k):  # (H, W) float array -> (k H, k W), bilinear: half-coverage edges at sub-pixel precision
-    return np.asarray(Image.fromarray(a.astype(np.float32), mode="F").resize((k * a.shape[1], k * a.shape[0]), Image.BILINEAR))
+    image = Image.fromarray(a.astype(np.float32), mode="F")
+    return np.asarray(image.resize((k * a.shape[1], k * a.shape[0]), Image.BILINEAR))
 
 
 def _solidity(mask):
@@ -281,7 +286,8 @@ def _solidity(mask):
     def half(points):  # Andrew's monotone chain: one side of the hull
         h = []
         for p in points:
-            while len(h) > 1 and (h[-1][0] - h[-2][0]) * (p[1] - h[-2][1]) - (h[-1][1] - h[-2][1]) * (p[0] - h[-2][0]) <= 0:
+            while len(h) > 1 and ((h[-1][0] - h[-2][0]) * (p[1] - h[-2][1])
+                                  - (h[-1][1] - h[-2][1]) * (p[0] - h[-2][0])) <= 0:
                 h.pop()
             h.append(p)
         return h[:-1]
@@ -320,7 +326,8 @@ def score_pair(img):
 
 
 def relation(p, q):
-    """The relation of object p to object q (score_image dicts): RELATIONS' direction nearest their centroids' offset."""
+    """The relation of object p to object q (score_image dicts): the direction of RELATIONS nearest the offset
+    between their centroids."""
     dx, dy = p["centre"][0] - q["centre"][0], p["centre"][1] - q["centre"][1]
     return max(RELATIONS, key=lambda r: dx * mini_sd.RELATIONS[r][0] + dy * mini_sd.RELATIONS[r][1])
 
@@ -387,8 +394,8 @@ def judge_pair(objs, truth):
         return dict.fromkeys(PAIR_ATTRS, False), [o[k] for o in objs for k in ("colour", "shape")]
     p, q = max((objs, objs[::-1]), key=lambda o: 2 * (o[0]["colour"] == c) + 2 * (o[1]["colour"] == c2)
                + (o[0]["shape"] == s) + (o[1]["shape"] == s2))
-    ok = {"found": True, "colour": p["colour"] == c and q["colour"] == c2, "shape": p["shape"] == s and q["shape"] == s2,
-          "relation": relation(p, q) == r}
+    ok = {"found": True, "colour": p["colour"] == c and q["colour"] == c2,
+          "shape": p["shape"] == s and q["shape"] == s2, "relation": relation(p, q) == r}
     ok["binding"] = ok["colour"] and ok["shape"]
     ok["all"] = ok["binding"] and ok["relation"]
     return ok, [p["colour"], p["shape"], relation(p, q), q["colour"], q["shape"]]
@@ -427,8 +434,8 @@ def outline_stats(recs):
     for shape in SHAPES:
         rs = [r for r in recs if r["truth"][1] == shape and r["fill"] is not None]
         mean = lambda key: (sum(r[key] for r in rs) / len(rs)) if rs else None
-        out[shape] = {"n": len(rs), "fill_rel": mean("fill") / SHAPE_PROTO[shape][0] if rs else None, "diag": mean("diag"),
-                      "solidity": mean("solidity")}
+        out[shape] = {"n": len(rs), "fill_rel": mean("fill") / SHAPE_PROTO[shape][0] if rs else None,
+                      "diag": mean("diag"), "solidity": mean("solidity")}
     return out
 
 
