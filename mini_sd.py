@@ -504,8 +504,10 @@ class UNet(nn.Module):
         temb = F.silu(self.time_mlp(timestep_embedding(t, self.conv_in.out_channels).to(dtype)))  # SiLU once
         mask, context = mask[:, None, None, :], context.to(dtype)  # (B, 1, 1, S): every query sees the same tokens
         keep = self.checkpointing and torch.is_grad_enabled()
-        run = lambda b, x: checkpoint(b, x, temb, context, mask, use_reentrant=False) if keep else b(x, temb, context,
-                                                                                                      mask)
+
+        def run(block, x):  # checkpointing: the block's activations are recomputed in the backward instead of kept
+            inputs = (x, temb, context, mask)
+            return checkpoint(block, *inputs, use_reentrant=False) if keep else block(*inputs)
         x = self.conv_in(x.to(dtype))
         skips = [x]
         for block in self.down:
@@ -600,6 +602,8 @@ class TextEncoder(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Noise schedule and samplers
+
+
 class NoiseSchedule(nn.Module):
     """x_t = alpha_t x0 + sigma_t eps at timesteps t = 0..T-1, and the samplers that run it backwards.
 
@@ -703,7 +707,6 @@ class NoiseSchedule(nn.Module):
                 if r > 0:
                     x = x + r * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         return x
-
 
 
 # -----------------------------------------------------------------------------

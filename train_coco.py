@@ -1,7 +1,7 @@
 """
-Train mini-sd on COCO captions end to end: VAE -> latent scale -> latent cache -> UNet, through
-DiffusionModel.train (checkpoints, exact resume, sample grids, a loss log). With no COCO on disk it
-trains the `small` preset on the synthetic shapes dataset (same layout), on any device, in minutes.
+Train mini-sd on COCO captions end to end through DiffusionModel.train: VAE -> latent scale -> latent cache -> UNet,
+with checkpoints, exact resume, sample grids and a loss log. With no COCO on disk it trains the `small` preset on the
+synthetic shapes dataset (COCO's layout), on any device, in minutes.
 
     python train_coco.py                                   # ./coco if there (base preset), else shapes (small)
     python train_coco.py --coco-dir /data/coco --set text_encoder=openai/clip-vit-base-patch32
@@ -28,41 +28,43 @@ COCO_HELP = ("get COCO 2017 from https://cocodataset.org/#download (train2017.zi
              "unzipped into one folder), or leave out --coco-dir to train on the synthetic shapes dataset")
 STAGE_FLAGS = {"vae": dict(steps="--vae-steps", batch_size="--vae-batch-size", lr="--vae-lr"),
                "unet": dict(steps="--unet-steps", batch_size="--batch-size", lr="--lr")}
+SHARED = dict(  # TrainConfig fields both stages take from one flag; "": the field's own name says it
+    grad_accum="", warmup="", ema="", cfg_dropout="", seed="", save_every="", keep="", sample_every="", log_every="",
+    precision="auto: bf16 where the device has bf16 units, fp16 with loss scaling on older GPUs, else fp32",
+    flip="random horizontal flips (they swap 'left' and 'right' in captions)",
+    init_from="fine-tune from these weights: a mini-sd checkpoint, or Stable Diffusion in diffusers' layout (a folder "
+              "or hub name, whose config the model then takes); a checkpoint in --out to resume wins",
+    gradient_checkpointing="recompute the UNet's activations in the backward: less memory",
+    ema_device="keep the UNet's EMA there, e.g. cpu, to spare the GPU's memory",
+    compile="torch.compile the UNet and VAE")
 
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--coco-dir", help="COCO root with <split>/ and annotations/captions_<split>.json (default ./coco; if absent: shapes)")
+    a("--coco-dir", help="COCO root with <split>/ and annotations/captions_<split>.json (default ./coco, else shapes)")
     a("--split", default="train2017", help="COCO split, e.g. train2017 or val2017")
     a("--data", help="a folder of your own captioned images instead of COCO (mini_sd.ImageFolder's layouts)")
     a("--shapes-dir", default="data/shapes", help="where the synthetic shapes dataset is built when there is no COCO")
     a("--shapes-n", type=int, help=f"number of synthetic images (default per preset: {SHAPES_N})")
     a("--preset", choices=sorted(mini_sd.PRESETS), help="model size (default: base with COCO or --data, else small)")
-    a("--config", help="a JSON file of Config fields, applied on top of --preset")
     a("--set", action="append", default=[], metavar="FIELD=VALUE", help="one Config field (JSON value or plain text), "
       "repeatable: --set block_out_channels=[64,128,256] --set prediction_type=epsilon --set zero_terminal_snr=false")
-    a("--out", default="runs/mini-sd", help="output folder: checkpoints, samples, loss log, run.json (default %(default)s)")
+    a("--out", default="runs/mini-sd", help="output folder: checkpoints, samples, loss log, run.json (%(default)s)")
     for stage, flags in STAGE_FLAGS.items():
-        per_preset = {k: ", ".join(f"{p} {mini_sd.TRAINING[p][stage][k]}" for p in mini_sd.TRAINING) for k in flags}
-        a(flags["steps"], type=int, help=f"{stage} optimiser steps; 0 skips the stage ({per_preset['steps']})")
-        a(flags["batch_size"], type=int, help=f"{stage} images per process and micro-batch ({per_preset['batch_size']})")
-        a(flags["lr"], type=float, help=f"{stage} peak learning rate ({per_preset['lr']})")
-    defaults = mini_sd.TrainConfig()
-    for name in ("grad_accum", "warmup", "ema", "cfg_dropout", "seed", "save_every", "keep", "sample_every", "log_every"):
-        a("--" + name.replace("_", "-"), type=type(getattr(defaults, name)), default=getattr(defaults, name),
-          help=f"TrainConfig.{name} (default %(default)s)")
-    a("--precision", choices=mini_sd.PRECISIONS, default="auto", help="auto: bf16 where the device has bf16 units, "
-      "fp16 with loss scaling on older GPUs, else fp32")
-    a("--flip", action="store_true", help="random horizontal flips (they swap 'left' and 'right' in captions)")
-    a("--init-from", help="fine-tune: start from these weights, a mini-sd checkpoint or Stable Diffusion in diffusers' layout "
-      "(a folder or hub name, whose config the model then takes); a checkpoint in --out to resume wins")
-    a("--gradient-checkpointing", action="store_true", help="recompute the UNet's activations in the backward: less memory")
-    a("--ema-device", help="keep the UNet's EMA there, e.g. cpu, to spare the GPU's memory")
-    a("--compile", action="store_true", help="torch.compile the UNet and VAE")
+        defaults = {k: ", ".join(f"{p} {mini_sd.TRAINING[p][stage][k]}" for p in mini_sd.TRAINING) for k in flags}
+        a(flags["steps"], type=int, help=f"{stage} optimiser steps; 0 skips the stage ({defaults['steps']})")
+        a(flags["batch_size"], type=int, help=f"{stage} images per process and micro-batch ({defaults['batch_size']})")
+        a(flags["lr"], type=float, help=f"{stage} peak learning rate ({defaults['lr']})")
+    for name, text in SHARED.items():
+        default = getattr(mini_sd.TrainConfig(), name)
+        kind = dict(action="store_true") if default is False else dict(default=default, type=type(default or ""))
+        if name == "precision":
+            kind["choices"] = mini_sd.PRECISIONS
+        a("--" + name.replace("_", "-"), **kind, help=f"{text or f'TrainConfig.{name}'} (default %(default)s)")
     a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes (default %(default)s)")
-    a("--resume", nargs="?", const="latest", help="continue the run in --out from its latest checkpoint with its stored "
-      "arguments (flags given again win), or from a checkpoint PATH")
+    a("--resume", nargs="?", const="latest", help="continue the run in --out from its latest checkpoint with its "
+      "stored arguments (flags given again win), or from a checkpoint PATH")
     return p
 
 
@@ -73,12 +75,10 @@ def fail(msg):
 
 def stage_args(args, stage):  # TrainConfig's fields of one stage, from the command line
     own = {k: getattr(args, flag[2:].replace("-", "_")) for k, flag in STAGE_FLAGS[stage].items()}
-    shared = ("warmup", "grad_accum", "ema", "cfg_dropout", "precision", "flip", "compile", "seed", "save_every", "keep",
-              "sample_every", "log_every", "init_from", "gradient_checkpointing", "ema_device")
-    return dict(stage=stage, **own, **{k: getattr(args, k) for k in shared}, num_workers=args.workers, out=args.out)
+    return dict(stage=stage, **own, **{k: getattr(args, k) for k in SHARED}, num_workers=args.workers, out=args.out)
 
 
-def parse_args(argv):
+def parse_args(argv):  # every number checked before anything heavy loads
     p = parser()
     args = p.parse_args(argv)
     stored = os.path.join(args.out, "run.json")
@@ -86,12 +86,12 @@ def parse_args(argv):
         with open(stored) as f:
             p.set_defaults(**{k: v for k, v in json.load(f).items() if k not in ("resume", "out") and v is not None})
         args = p.parse_args(argv)
-    for stage in STAGE_FLAGS:  # every number checked before anything heavy loads
+    for stage in STAGE_FLAGS:
         try:
             mini_sd.TrainConfig(**stage_args(args, stage))
         except ValueError as e:
-            name = str(e).split()[0]
-            fail({**STAGE_FLAGS[stage], "num_workers": "--workers"}.get(name, "--" + name.replace("_", "-")) + str(e)[len(name):])
+            name, flags = str(e).split()[0], {**STAGE_FLAGS[stage], "num_workers": "--workers"}
+            fail(flags.get(name, "--" + name.replace("_", "-")) + str(e)[len(name):])
     if args.shapes_n is not None and args.shapes_n < 1:
         fail(f"--shapes-n must be >= 1, got {args.shapes_n}")
     return args
@@ -107,13 +107,10 @@ def json_or_text(value):  # a --set value: JSON (a list, a number, true), else t
 def make_config(args, preset):
     fields, flag = dict(mini_sd.PRESETS[preset], preset_name=preset), "--init-from"
     try:
-        if args.init_from and mini_sd.is_diffusers(args.init_from):  # Stable Diffusion: its architecture, schedule, text
+        if args.init_from and mini_sd.is_diffusers(args.init_from):  # SD: its architecture, schedule and text
             root = mini_sd.pretrained_folder(args.init_from, mini_sd.PIPELINE_FILES)
             fields = {**mini_sd.sd_config(root), "text_encoder": args.init_from}
-        flag = "--config/--set"
-        if args.config:
-            with open(args.config) as f:
-                fields.update(json.load(f))
+        flag = "--set"
         for key, sep, value in (item.partition("=") for item in args.set):
             if not sep:
                 raise ValueError(f"--set {key!r}: write FIELD=VALUE")
@@ -126,22 +123,19 @@ def make_config(args, preset):
         fail(f"{flag}: {e}")
 
 
-def load_data(args, rank):  # -> (dataset maker, preset): COCO, your folder, or the synthetic shapes
-    coco_dir = args.coco_dir or "coco"
-    image_dir, captions = os.path.join(coco_dir, args.split), os.path.join(coco_dir, "annotations", f"captions_{args.split}.json")
+def load_data(args, rank):  # -> (dataset maker, preset): your folder, COCO, or the synthetic shapes
+    root = args.coco_dir or "coco"
+    images, captions = os.path.join(root, args.split), os.path.join(root, "annotations", f"captions_{args.split}.json")
     if args.data:
         return (lambda cfg: mini_sd.ImageFolder(args.data, cfg.image_size)), "base"
-    if os.path.isdir(image_dir) and os.path.isfile(captions):
-        return (lambda cfg: mini_sd.CocoCaptions(image_dir, captions, cfg.image_size)), "base"
+    if os.path.isdir(images) and os.path.isfile(captions):
+        return (lambda cfg: mini_sd.CocoCaptions(images, captions, cfg.image_size)), "base"
     if args.coco_dir is not None or args.split != "train2017":  # asked for COCO: say what is missing
-        fail(f"no COCO {args.split} at {coco_dir}: {image_dir if not os.path.isdir(image_dir) else captions} not found; {COCO_HELP}")
-    print(f"no COCO at ./{coco_dir}: training on synthetic shapes in {args.shapes_dir}", flush=True) if rank == 0 else None
-
-    def shapes(cfg):
-        n = args.shapes_n or SHAPES_N[cfg.preset_name]
-        return mini_sd.CocoCaptions(*mini_sd.make_shapes_dataset(args.shapes_dir, n, cfg.image_size, args.seed), cfg.image_size)
-
-    return shapes, "small"
+        fail(f"no COCO {args.split} at {root}: {captions if os.path.isdir(images) else images} not found; {COCO_HELP}")
+    print(f"no COCO at ./{root}: training on synthetic shapes in {args.shapes_dir}", flush=True) if rank == 0 else None
+    n = lambda cfg: args.shapes_n or SHAPES_N[cfg.preset_name]
+    return (lambda cfg: mini_sd.CocoCaptions(*mini_sd.make_shapes_dataset(args.shapes_dir, n(cfg), cfg.image_size,
+                                                                          args.seed), cfg.image_size)), "small"
 
 
 def main(argv=None):
@@ -166,18 +160,21 @@ def main(argv=None):
             json.dump({k: v for k, v in vars(args).items() if k != "resume"}, f, indent=1)
     torch.manual_seed(args.seed + rank)
     model = mini_sd.DiffusionModel(cfg)
-    print(f"preset {cfg.preset_name} on {model.device} x{world}; {len(data)} images; VAE {mini_sd.count_parameters(model.vae) / 1e6:.1f}M,"
-          f" UNet {mini_sd.count_parameters(model.unet) / 1e6:.1f}M params", flush=True) if rank == 0 else None
+    millions = lambda m: f"{mini_sd.count_parameters(m) / 1e6:.1f}M"
+    print(f"preset {cfg.preset_name} on {model.device} x{world}; {len(data)} images; VAE {millions(model.vae)}, "
+          f"UNet {millions(model.unet)} params", flush=True) if rank == 0 else None
     resume = args.resume and (True if args.resume == "latest" else args.resume)
     try:
         model.train(data, **stage_args(args, "vae"), resume=resume)
         # the UNet stage continues from the newest checkpoint in --out, which the VAE stage may just have written
-        model.train(data, **stage_args(args, "unet"), resume=True if args.resume and mini_sd.list_checkpoints(args.out) else resume)
+        latest = bool(args.resume) and bool(mini_sd.list_checkpoints(args.out))
+        model.train(data, **stage_args(args, "unet"), resume=True if latest else resume)
     except mini_sd.Interrupted as e:
         print(f"{e}; continue with: python train_coco.py --out {args.out} --resume", file=sys.stderr)
         sys.exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM: scripts can tell an interrupted run from a done one
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
-        fail(f"{e}" + ("; lower --lr or use --precision fp32, then --resume" if isinstance(e, FloatingPointError) else ""))
+        hint = "; lower --lr or use --precision fp32, then --resume" if isinstance(e, FloatingPointError) else ""
+        fail(f"{e}{hint}")
     if rank == 0:
         print(f"done: {args.out} (latest checkpoint), {args.out}/samples/ (grids), {args.out}/loss.csv\n"
               f"generate: python mini_sd.py --checkpoint {args.out} \"{data.items[0][1][0]}\" --seed 0 --out out.png")
