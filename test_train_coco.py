@@ -246,6 +246,19 @@ def test_numbers_are_checked_before_anything_loads(tmp_path):
     assert not os.path.exists(tmp_path / "data")
 
 
+def test_each_shared_flag_parses_to_its_train_config_type(tmp_path, capsys):
+    import train_coco
+
+    args = train_coco.parse_args(["--seed", "3", "--ema", "0.5", "--warmup", "7", "--flip", "--ema-device", "cpu",
+                                  "--out", str(tmp_path)])
+    assert (args.seed, args.ema, args.warmup, args.flip, args.ema_device, args.compile) == (3, 0.5, 7, True, "cpu", False)
+    assert mini_sd.TrainConfig(**train_coco.stage_args(args, "unet")).seed == 3
+    (tmp_path / "run.json").write_text(json.dumps({"config": "my.json", "seed": 1}))  # a run from before --config went
+    with pytest.raises(SystemExit):
+        train_coco.parse_args(["--out", str(tmp_path), "--resume"])
+    assert "started with --config my.json, which is gone: give its fields with --set" in capsys.readouterr().err
+
+
 def test_generation_cli_checks_input_before_loading(full_run, tmp_path):
     tmp, _ = full_run
     cases = {

@@ -57,11 +57,13 @@ def parser():
         a(flags["batch_size"], type=int, help=f"{stage} images per process and micro-batch ({defaults['batch_size']})")
         a(flags["lr"], type=float, help=f"{stage} peak learning rate ({defaults['lr']})")
     for name, text in SHARED.items():
-        default = getattr(mini_sd.TrainConfig(), name)
-        kind = dict(action="store_true") if default is False else dict(default=default, type=type(default or ""))
-        if name == "precision":
-            kind["choices"] = mini_sd.PRECISIONS
-        a("--" + name.replace("_", "-"), **kind, help=f"{text or f'TrainConfig.{name}'} (default %(default)s)")
+        flag, default = "--" + name.replace("_", "-"), getattr(mini_sd.TrainConfig(), name)
+        if default is False:  # a switch
+            a(flag, action="store_true", help=text)
+            continue
+        a(flag, type=str if default is None else type(default), default=default,  # None: a path or a device
+          choices=mini_sd.PRECISIONS if name == "precision" else None,
+          help=(text or f"TrainConfig.{name}") + ("" if default is None else " (default %(default)s)"))
     a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image loading processes (default %(default)s)")
     a("--resume", nargs="?", const="latest", help="continue the run in --out from its latest checkpoint with its "
       "stored arguments (flags given again win), or from a checkpoint PATH")
@@ -84,7 +86,11 @@ def parse_args(argv):  # every number checked before anything heavy loads
     stored = os.path.join(args.out, "run.json")
     if args.resume and os.path.isfile(stored):  # the run's own arguments, then whatever this command line adds
         with open(stored) as f:
-            p.set_defaults(**{k: v for k, v in json.load(f).items() if k not in ("resume", "out") and v is not None})
+            saved = {k: v for k, v in json.load(f).items() if k not in ("resume", "out") and v is not None}
+        if "config" in saved:  # runs started before --config went
+            fail(f"{stored}: the run was started with --config {saved['config']}, which is gone: give its fields "
+                 "with --set")
+        p.set_defaults(**saved)
         args = p.parse_args(argv)
     for stage in STAGE_FLAGS:
         try:

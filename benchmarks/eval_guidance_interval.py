@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common as C  # noqa: E402  (eval_fid.py's digits, judge and sampling)
+import common as C  # noqa: E402  (the MNIST digits, their judge and sampling, shared with eval_fid.py)
 import mini_sd  # noqa: E402  (on the path that common sets)
 
 

@@ -18,7 +18,8 @@ What it does:
      = 75 combinations per image) is built in OUT/data; the images of 12 held-out combinations are then dropped (files
      and captions), so the model never sees e.g. a purple triangle in the top right, while every colour, shape and
      position, and every pair of them (purple triangle, purple ... top right, triangle ... top right), still is in
-     training. The held-out set is deterministic (--heldout K, --heldout-seed).
+     training. The held-out set is deterministic (--heldout K, --heldout-seed). --balanced N keeps N of the rest,
+     spread evenly over the distinct scenes of the --n generated (balanced coverage at an equal image count).
   2. Training: in this process through the library, model = DiffusionModel(Config.preset(--preset)), then
      model.train(data, stage="vae", ...) and model.train(data, stage="unet", ...), both with out=OUT/run and
      resume=True (steps from --vae-steps / --unet-steps, else mini_sd.TRAINING[preset]; --workers is num_workers;
@@ -200,7 +201,6 @@ def make_jobs(seen, heldout, seeds, prompt=prompt_one):
     return jobs
 
 
-
 def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir, rescale=0.0, record=record_one,
                attrs=ATTRS):
     t0 = time.time()
@@ -223,7 +223,6 @@ def run_config(model, name, jobs, sampler, steps, guidance, args, samples_dir, r
     log(f"  {name:<22} {len(jobs):4d} images {seconds:7.1f}s   {'all-three' if attrs == ATTRS else 'all-correct'}: "
         f"seen {fmt(res['seen']['all'])}, held-out {fmt(res['heldout']['all'])}   grid {grid_path}")
     return res
-
 
 
 # -----------------------------------------------------------------------------
@@ -314,6 +313,8 @@ def parse_args(argv=None):
     q = args.quick
     if args.two_objects and (args.fid or args.fid_real):
         p.error("--two-objects has no FID: drop --fid / --fid-real")
+    if args.balanced is not None and (args.balanced < 1 or args.model):
+        p.error(f"--balanced {args.balanced}: must be >= 1, and it builds training data, which --model does not")
     args.out = args.out or ("runs/eval-quality-two" if args.two_objects else "runs/eval-quality")
     args.preset = args.preset or ("tiny" if q else "small")
     args.n = args.n or (400 if q else 2000)

@@ -18,7 +18,6 @@ def guidance_text(s):  # "5.0 (where 0 <= t / T <= 0.6)"; reports from before th
     return f"{s['guidance']}" + ("" if (lo, hi) == (0.0, 1.0) else f" (where {lo:g} <= t / T <= {hi:g})")
 
 
-
 def accuracy_cells(a, attrs):  # the attributes' accuracies, the last ("all") in bold
     return [fmt(a[k]) for k in attrs[:-1]] + [f"**{fmt(a[attrs[-1]])}**"]
 

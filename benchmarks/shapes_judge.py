@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections import deque
 
 import numpy as np
@@ -163,9 +164,9 @@ def evenly(coco, parse, units, n, seed):
         scenes.setdefault(k, []).append(i)
     groups = [scenes[k] for k in sorted(scenes, key=sorted)]
     np.random.default_rng(seed).shuffle(groups)
-    order = [ids[j] for j in range(max(map(len, groups))) for ids in groups if j < len(ids)]
+    order = [ids[j] for j in range(max(map(len, groups), default=0)) for ids in groups if j < len(ids)]
     if len(order) < n:
-        raise ValueError(f"--balanced {n}: the pool holds only {len(order)} images; raise --n")
+        sys.exit(f"error: --balanced {n}: the generated pool holds only {len(order)} usable images; raise --n")
     return set(order[:n])
 
 
