@@ -1671,15 +1671,16 @@ def latent_cache(model, data, out=None, num_workers=0, flip=False):
     on a filesystem they share); without out every process encodes every image itself."""
     items, (rank, world) = file_items(data), rank_and_world()
     files = [(p, *(lambda s: (s.st_size, s.st_mtime_ns))(os.stat(p)), c) for p, c in items] if items else id(data)
-    parts = {"the images (names, sizes, times, captions)": json.dumps([model.config.image_size, flip, files])}
     weights = hashlib.sha256()
     for k, v in model.vae.encoder.state_dict().items():
         weights.update(k.encode())
         weights.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    parts["the VAE encoder"] = weights.hexdigest()
-    key = hashlib.sha256(json.dumps(list(parts.values())).encode()).hexdigest()[:16]
+    images = json.dumps([model.config.image_size, flip, files]).encode()
+    parts = {"the images (names, sizes, times, captions)": hashlib.sha256(images).hexdigest(),
+             "the VAE encoder": weights.hexdigest()}
+    key = hashlib.sha256("".join(parts.values()).encode()).hexdigest()[:16]
     if out and items and world > 1:  # one cache for every process: each part of its key must be the same on all
-        digests = gather({k: hashlib.sha256(v.encode()).hexdigest() for k, v in parts.items()})
+        digests = gather(parts)
         differ = [k for k in parts if len({d[k] for d in digests}) > 1]
         if differ:
             raise ValueError(f"{' and '.join(differ)} differ{'s' * (len(differ) == 1)} between processes: build the "

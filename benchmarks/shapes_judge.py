@@ -144,24 +144,24 @@ def read_labels(captions_file, parse=parse_caption):
     scene (colour, shape, relation, colour2, shape2))."""
     with open(captions_file) as f:
         coco = json.load(f)
-    files = {im["id"]: im["file_name"] for im in coco["images"]}
-    labels = {}
-    for ann in coco["annotations"]:
-        lab = parse(ann["caption"])
-        if lab is not None and ann["image_id"] not in labels:  # two objects: the first caption, not the converse one
-            labels[ann["image_id"]] = lab
+    files, labels = {im["id"]: im["file_name"] for im in coco["images"]}, image_labels(coco, parse)
     return [(files[i], labels[i]) for i in sorted(files) if i in labels]
 
 
-def evenly(coco, parse, units, n, seed):
-    """The ids of n images spread as evenly as the pool allows over its distinct scenes (one object: its
-    combination; two: both objects and their relation), taken round-robin over the scenes in a seeded order."""
-    scene, scenes = {}, {}
-    for ann in coco["annotations"]:  # an image's captions all name its one scene: the first that parses
-        if ann["image_id"] not in scene and (lab := parse(ann["caption"])):
-            scene[ann["image_id"]] = frozenset(units(lab))
-    for i, k in scene.items():
-        scenes.setdefault(k, []).append(i)
+def image_labels(coco, parse):  # {image_id: label} from its first caption that parses (two objects: not the converse)
+    labels = {}
+    for ann in coco["annotations"]:
+        if ann["image_id"] not in labels and (lab := parse(ann["caption"])) is not None:
+            labels[ann["image_id"]] = lab
+    return labels
+
+
+def evenly(labels, units, n, seed):
+    """The ids of n of the labelled images spread as evenly as the pool allows over its distinct scenes (one object:
+    its combination; two: both objects and their relation), taken round-robin over the scenes in a seeded order."""
+    scenes = {}
+    for i, lab in labels.items():
+        scenes.setdefault(frozenset(units(lab)), []).append(i)
     groups = [scenes[k] for k in sorted(scenes, key=sorted)]
     np.random.default_rng(seed).shuffle(groups)
     order = [ids[j] for j in range(max(map(len, groups), default=0)) for ids in groups if j < len(ids)]
@@ -193,10 +193,10 @@ def build_shapes(root, n, image_size, seed, heldout=(), objects=1, balanced=None
     held = {tuple(c) for c in heldout}
     with open(captions_file) as f:
         coco = json.load(f)
-    drop = {ann["image_id"] for ann in coco["annotations"] if (lab := parse(ann["caption"])) and units(lab) & held}
+    labels = image_labels(coco, parse)  # every caption of an image names the same scene
+    drop = {i for i, lab in labels.items() if units(lab) & held}
     if balanced:
-        kept = evenly({**coco, "annotations": [a for a in coco["annotations"] if a["image_id"] not in drop]}, parse,
-                      units, balanced, seed)
+        kept = evenly({i: lab for i, lab in labels.items() if i not in drop}, units, balanced, seed)
         drop |= {im["id"] for im in coco["images"]} - kept
     for im in coco["images"]:
         if im["id"] in drop:
